@@ -1,0 +1,101 @@
+"""Which student layer learns which teacher layer, and the learned projections between their widths.
+
+A layer map is a list of `(student_point, teacher_point)` pairs, where a point is a decoder-layer index or
+`"norm"` (the final normed state). Named maps:
+
+* `uniform` (default): every student layer i -> teacher layer round(i * (L_T - 1) / (L_S - 1)) (OPRD paper).
+* `all`: `uniform` plus the final normed states (`norm -> norm`).
+* `last`: the last decoder layers only.
+* `norm`: the final normed states only.
+
+Explicit pairs (`[[0, 1], [1, 3], ["norm", "norm"]]`) override them; lists of pairs survive LightningCLI's YAML
+round-trip, dicts with int keys would not (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from oprd.capture import NORM, Point, resolve_point
+
+LayerMapSpec = str | Sequence[Sequence[int | str]]
+NAMED_MAPS = ("uniform", "all", "last", "norm")
+
+
+def uniform_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
+    """Student layer i -> teacher layer round(i * (L_T - 1) / (L_S - 1)); a 1-layer student maps to the last."""
+    if num_student == 1:
+        return [(0, num_teacher - 1)]
+    return [(i, round(i * (num_teacher - 1) / (num_student - 1))) for i in range(num_student)]
+
+
+def resolve_layer_map(spec: LayerMapSpec, num_student: int, num_teacher: int) -> list[tuple[Point, Point]]:
+    """Turn a named map or explicit pairs into validated `(student, teacher)` points.
+
+    Raises:
+        ValueError: naming the bad entry and the valid range, before any weights are loaded.
+    """
+    if isinstance(spec, str):
+        if spec == "uniform":
+            return list(uniform_map(num_student, num_teacher))
+        if spec == "all":
+            return [*uniform_map(num_student, num_teacher), (NORM, NORM)]
+        if spec == "last":
+            return [(num_student - 1, num_teacher - 1)]
+        if spec == "norm":
+            return [(NORM, NORM)]
+        raise ValueError(
+            f"Unknown layer map {spec!r}; use one of {', '.join(NAMED_MAPS)} or a list of [student, teacher]."
+        )
+    pairs = []
+    for number, pair in enumerate(spec):
+        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(
+                f"layer_map entry {number} is {pair!r}; each entry must be a pair [student_layer, teacher_layer], "
+                "e.g. [[0, 1], [1, 3], ['norm', 'norm']]."
+            )
+        student = resolve_point(pair[0], num_student, "student")
+        teacher = resolve_point(pair[1], num_teacher, "teacher")
+        pairs.append((student, teacher))
+    if not pairs:
+        raise ValueError("layer_map is empty; give at least one [student_layer, teacher_layer] pair or 'uniform'.")
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"layer_map repeats a pair: {pairs}.")
+    return pairs
+
+
+def pair_label(pair: tuple[Point, Point]) -> str:
+    """Stable name of a pair, used for projector keys and metric names (`train/hidden/3_7`)."""
+    return f"{pair[0]}_{pair[1]}"
+
+
+class Projectors(nn.Module):
+    """One `Linear(d_S, d_T, bias=False)` per mapped pair; identity-initialised when the widths match.
+
+    Args:
+        pairs: the resolved layer map.
+        student_width: d_S.
+        teacher_width: d_T.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Point, Point]], student_width: int, teacher_width: int):
+        super().__init__()
+        self.pairs = list(pairs)
+        self.proj = nn.ModuleDict()
+        for pair in self.pairs:
+            linear = nn.Linear(student_width, teacher_width, bias=False)
+            if student_width == teacher_width:
+                with torch.no_grad():
+                    linear.weight.copy_(torch.eye(teacher_width))
+            self.proj[pair_label(pair)] = linear
+
+    @property
+    def labels(self) -> list[str]:
+        return [pair_label(pair) for pair in self.pairs]
+
+    def forward(self, student_states: dict[Point, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Project each pair's student state `[b, t, d_S]` to `[b, t, d_T]`, keyed by pair label."""
+        return {pair_label(p): self.proj[pair_label(p)](student_states[p[0]]) for p in self.pairs}

@@ -1,0 +1,209 @@
+"""Prompt data: JSONL files, local Hugging Face `datasets` folders and the built-in arithmetic task.
+
+Items are plain dicts `{"prompt": str, "answer": str | None}`; batches are dicts of lists. Tokenisation (with the
+tokenizer's chat template) happens in `format_prompts`, called by the LightningModule, because the tokenizer
+belongs to the models, not to the data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("arithmetic",)
+
+
+def arithmetic_examples(split: str = "train", seed: int = 0, num_val: int = 100, low: int = 1, high: int = 20):
+    """The built-in arithmetic task: "What is a plus b?" with the answer kept for scoring.
+
+    All pairs (a, b) with low <= a, b <= high are shuffled with `seed`; the first `num_val` are held out, so the
+    training and validation splits never share a pair.
+
+    Returns:
+        list of `{"prompt": ..., "answer": ...}` dicts.
+    """
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+    if not 0 < num_val < len(pairs):
+        raise ValueError(f"num_val must be between 1 and {len(pairs) - 1} for numbers {low}..{high}, got {num_val}.")
+    random.Random(seed).shuffle(pairs)
+    chosen = pairs[:num_val] if split == "val" else pairs[num_val:]
+    return [{"prompt": f"What is {a} plus {b}?", "answer": str(a + b)} for a, b in chosen]
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read `{"prompt": ..., "answer": ...}` lines, with errors that name the file and line number."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(
+            f"Cannot read prompt file {path}: {err.strerror}. Check the path in `data.train`/`data.val`."
+        ) from err
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}:{number}: not valid JSON ({err.msg}). Each line must be one JSON object."
+            ) from err
+        if not isinstance(item, dict):
+            raise ValueError(
+                f'{path}:{number}: expected an object like {{"prompt": "..."}}, got {type(item).__name__}.'
+            )
+        items.append(_check_item(item, f"{path}:{number}"))
+    if not items:
+        raise ValueError(f'Prompt file {path} holds no prompts; write one JSON object per line: {{"prompt": "..."}}.')
+    return items
+
+
+def _check_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    prompt = item.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f'{where}: missing a non-empty "prompt" string (keys found: {sorted(item)}).')
+    answer = item.get("answer")
+    return {"prompt": prompt, "answer": None if answer is None else str(answer)}
+
+
+def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
+    """Load prompts from a built-in name, a `.jsonl` file or a folder written by `datasets.save_to_disk`."""
+    if source in BUILTIN_SOURCES:
+        return arithmetic_examples(split, seed=seed, num_val=num_val)
+    path = Path(source)
+    if path.is_dir():
+        return _load_hf_folder(path, split)
+    if path.suffix == ".jsonl" or path.is_file():
+        return read_jsonl(path)
+    raise ValueError(
+        f"Prompt source {source!r} is neither a built-in ({', '.join(BUILTIN_SOURCES)}), a JSONL file nor a "
+        "`datasets` folder. Check the path."
+    )
+
+
+def _load_hf_folder(path: Path, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"Dataset folder {path} has splits {list(data)}, not {split!r}.")
+        data = data[split]
+    items = [_check_item(dict(row), f"{path} row {i}") for i, row in enumerate(data)]
+    if not items:
+        raise ValueError(f"Dataset folder {path} holds no rows.")
+    return items
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, list]:
+    return {"prompt": [item["prompt"] for item in items], "answer": [item["answer"] for item in items]}
+
+
+def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None, truncate: bool = True):
+    """Apply the chat template (when the tokenizer has one) and tokenise with left padding.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a pad token.
+        prompts: user messages.
+        max_length: longest prompt in tokens; longer prompts are cut from the left (`truncate=True`, with a
+            warning) or refused.
+
+    Returns:
+        `input_ids` and `attention_mask`, both `[b, t]`, left-padded.
+    """
+    if tokenizer.chat_template:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    else:
+        texts = list(prompts)
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
+    if max_length is not None and encoded["input_ids"].shape[1] > max_length:
+        longest = int(encoded["attention_mask"].sum(dim=1).max())
+        if longest > max_length and not truncate:
+            raise ValueError(
+                f"A prompt has {longest} tokens, more than max_prompt_length={max_length}. Shorten it, raise "
+                "`model.max_prompt_length`, or set `model.truncate_prompts: true`."
+            )
+        if longest > max_length:
+            log.warning("Prompts longer than %d tokens are truncated from the left (longest: %d).", max_length, longest)
+        encoded = {k: v[:, -max_length:] for k, v in encoded.items()}
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for on-policy distillation: the student writes the responses, so only prompts are needed.
+
+    Args:
+        train: `arithmetic`, a JSONL file of `{"prompt": ..., "answer": ...}` lines, or a `datasets` folder.
+        val: same kinds as `train`; `None` uses the built-in held-out split when `train` is built-in.
+        batch_size: prompts per micro-batch (each is sampled `num_generations` times by the model).
+        val_batch_size: prompts per validation batch.
+        num_val: held-out prompts of a built-in task.
+        max_val_prompts: evaluate on at most this many validation prompts (None = all).
+        seed: shuffling and built-in splits.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        train: str = "arithmetic",
+        val: str | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 16,
+        num_val: int = 100,
+        max_val_prompts: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_items: list[dict[str, Any]] = []
+        self.val_items: list[dict[str, Any]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if not self.train_items and stage in (None, "fit"):
+            self.train_items = load_prompts(hp.train, "train", seed=hp.seed, num_val=hp.num_val)
+        if not self.val_items:
+            source = hp.val if hp.val is not None else (hp.train if hp.train in BUILTIN_SOURCES else None)
+            if source is not None:
+                self.val_items = load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)
+            self.val_items = self.val_items[: hp.max_val_prompts]
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.train_items,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_items) >= self.hparams.batch_size,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def _eval_loader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.hparams.val_batch_size, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader() if self.val_items else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader()

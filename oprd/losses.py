@@ -1,0 +1,141 @@
+"""Hidden-state distillation losses and the shared masked reduction.
+
+Shape legend:
+    b  batch (sequences)
+    t  tokens (positions in the concatenated prompt + response)
+    d  hidden width (of the teacher after projection)
+
+Every loss here returns the *sum* over selected tokens; the caller divides by the response-token count of the
+whole optimizer step (all micro-batches, all ranks), as DESIGN.md requires. `masked_mean` exists for logging and
+for callers that know their denominator up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import reduce
+from torch import Tensor
+
+HiddenKind = Literal["mse", "cosine", "normalized_mse"]
+Positions = Literal["all", "last_k", "first_k"]
+HIDDEN_KINDS: tuple[str, ...] = ("mse", "cosine", "normalized_mse")
+POSITIONS: tuple[str, ...] = ("all", "last_k", "first_k")
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """Sum of per-token values over the tokens the mask keeps.
+
+    Args:
+        values: `[b, t]` per-token loss values.
+        mask: `[b, t]` bool or 0/1 mask of tokens that count.
+    """
+    return (values * mask.to(values.dtype)).sum()
+
+
+def masked_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+    """Mean of per-token values over kept tokens; `num_tokens` overrides the denominator (global normalisation).
+
+    The token count is clamped to at least 1 so a batch with no response tokens gives 0, not NaN.
+    """
+    count = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=values.device)
+    return masked_sum(values, mask) / count.to(values.dtype).clamp_min(1)
+
+
+def select_positions(mask: Tensor, positions: Positions = "all", k: int = 1) -> Tensor:
+    """Restrict a response mask to all, the first k, or the last k response tokens of each sequence.
+
+    Args:
+        mask: `[b, t]` response mask (contiguous run of ones per row).
+        positions: which response positions to keep.
+        k: how many, for `first_k` / `last_k`.
+
+    Returns:
+        `[b, t]` bool mask.
+    """
+    mask = mask.bool()
+    if positions == "all":
+        return mask
+    if positions not in POSITIONS:
+        raise ValueError(f"Unknown positions {positions!r}; choose one of {POSITIONS}.")
+    if k < 1:
+        raise ValueError(f"positions={positions!r} needs k >= 1, got k={k}.")
+    from_start = mask.long().cumsum(dim=1)  # 1 on the first response token, 2 on the second, ...
+    if positions == "first_k":
+        return mask & (from_start <= k)
+    from_end = mask.sum(dim=1, keepdim=True) - from_start + 1  # 1 on the last response token
+    return mask & (from_end <= k)
+
+
+def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """OPRD's per-dimension squared error, summed over kept tokens: sum_t m_t ||s_t - t_t||^2 / d.
+
+    Args:
+        student: `[b, t, d]` projected student hidden states.
+        teacher: `[b, t, d]` teacher hidden states (detached by the caller or here).
+        mask: `[b, t]` tokens that count.
+    """
+    per_token = reduce((student - teacher.detach()).pow(2), "b t d -> b t", "mean")
+    return masked_sum(per_token, mask)
+
+
+def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Cosine distance `1 - cos(s_t, t_t)`, summed over kept tokens."""
+    per_token = 1 - F.cosine_similarity(student, teacher.detach(), dim=-1)
+    return masked_sum(per_token, mask)
+
+
+def hidden_normalized_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Squared error of L2-normalised vectors (OPRD-Bridge stage 2), summed over kept tokens; equals 2 - 2 cos."""
+    diff = F.normalize(student, dim=-1) - F.normalize(teacher.detach(), dim=-1)
+    per_token = reduce(diff.pow(2), "b t d -> b t", "sum")
+    return masked_sum(per_token, mask)
+
+
+HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine, "normalized_mse": hidden_normalized_mse}
+
+
+@torch.no_grad()
+def mean_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Mean cosine similarity over kept tokens, for logging (`train/cos/<layer>`)."""
+    return masked_mean(F.cosine_similarity(student.float(), teacher.float(), dim=-1), mask)
+
+
+@dataclass(frozen=True)
+class HiddenLossConfig:
+    """How the student's projected hidden states are compared with the teacher's."""
+
+    kind: HiddenKind = "mse"
+    """`mse` (OPRD's per-dimension squared error), `cosine` (1 - cos) or `normalized_mse` (OPRD-Bridge)."""
+    positions: Positions = "all"
+    """Which response positions count: `all`, the first k (`first_k`) or the last k (`last_k`)."""
+    k: int = 1
+    """k for `first_k` / `last_k`."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in HIDDEN_KINDS:
+            raise ValueError(f"Unknown hidden loss {self.kind!r}; valid names: {', '.join(HIDDEN_KINDS)}.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"Unknown positions {self.positions!r}; valid names: {', '.join(POSITIONS)}.")
+
+
+def hidden_loss_sums(
+    student: dict[str, Tensor], teacher: dict[str, Tensor], mask: Tensor, config: HiddenLossConfig
+) -> dict[str, Tensor]:
+    """Per-pair summed hidden loss over the selected response tokens.
+
+    Args:
+        student: pair label -> `[b, t, d]` projected student states.
+        teacher: pair label -> `[b, t, d]` teacher states.
+        mask: `[b, t]` response mask.
+        config: loss kind and position selection.
+
+    Returns:
+        pair label -> scalar sum (divide by the step's token count, then average over pairs).
+    """
+    keep = select_positions(mask, config.positions, config.k)
+    fn = HIDDEN_LOSSES[config.kind]
+    return {label: fn(student[label].float(), teacher[label].float(), keep) for label in student}

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models and the offline tokenizer; W&B kept offline and inside tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from oprd.models import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def tiny_llama(layers: int = 3, width: int = 32, vocab: int = 384, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen3(layers: int = 3, width: int = 32, vocab: int = 384, seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    tok = tiny_tokenizer()
+    return tok.__class__(
+        tokenizer_object=tok.backend_tokenizer, **tok.special_tokens_map, chat_template=tok.chat_template
+    )
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """Every W&B run of a test is offline and written under tmp_path."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path

@@ -1,0 +1,106 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from oprd.cli import main
+from tests import wandb_reader
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+OPRD = Path(sys.executable).parent / "oprd"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "trainer:" in printed
+
+
+def test_unknown_config_key_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.no_such_key", "1"])
+    assert exit_info.value.code != 0
+
+
+def test_tiny_fit_learns_and_checkpoints_only_student_and_projectors(tmp_path):
+    # The real console script, as a user runs it.
+    run = subprocess.run(
+        [
+            str(OPRD),
+            "fit",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--trainer.max_steps",
+            "30",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (metrics_file,) = tmp_path.glob("**/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    (ckpt_path,) = tmp_path.glob("**/last.ckpt")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    assert any(k.startswith("student.model.layers.") for k in state)
+    assert {k for k in state if k.startswith("projectors.")} == {
+        "projectors.proj.0_0.weight",
+        "projectors.proj.1_3.weight",
+    }
+    assert not any("teacher" in k for k in state)
+    assert state["projectors.proj.1_3.weight"].shape == (64, 32)
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
+    run = subprocess.run(
+        [
+            str(OPRD),
+            "fit",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "4",
+            "--trainer.default_root_dir",
+            str(wandb_offline),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.offline",
+            "true",
+            "--trainer.logger.save_dir",
+            str(wandb_offline),
+            "--trainer.logger.project",
+            "oprd-test",
+        ],
+        cwd=wandb_offline,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (run_dir,) = (wandb_offline / "wandb").glob("offline-run-*")
+    rows = wandb_reader.history(run_dir)
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["trainer/global_step"] for r in train] == [0, 1, 2, 3]
+    assert all(r["train/loss"] > 0 and -1 <= r["train/cos/1_3"] <= 1 for r in train)
+    assert {"train/hidden/0_0", "train/hidden/1_3", "train/response_length", "train/tokens_per_s"} <= set(train[0])
+    val = [r for r in rows if "val/hidden" in r]
+    assert len(val) == 1 and 0 <= val[0]["val/accuracy"] <= 1
+    config = wandb_reader.config(run_dir)
+    assert config["layer_map"] == "uniform" and config["rollout"]["max_new_tokens"] == 16

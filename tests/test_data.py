@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from oprd.data import PromptDataModule, arithmetic_examples, format_prompts, load_prompts, read_jsonl
+
+
+def test_arithmetic_is_seeded_and_splits_are_disjoint():
+    train, val = arithmetic_examples("train", seed=3), arithmetic_examples("val", seed=3)
+    assert len(val) == 100 and len(train) == 300
+    assert not {x["prompt"] for x in train} & {x["prompt"] for x in val}
+    assert arithmetic_examples("val", seed=3) == val and arithmetic_examples("val", seed=4) != val
+    first = val[0]
+    a, b = (int(w) for w in first["prompt"].removeprefix("What is ").removesuffix("?").split(" plus "))
+    assert first["answer"] == str(a + b)
+
+
+def test_jsonl_reading_and_errors(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "Hi", "answer": 3}\n\n{"prompt": "Yo"}\n')
+    assert read_jsonl(good) == [{"prompt": "Hi", "answer": "3"}, {"prompt": "Yo", "answer": None}]
+    cases = {
+        '{"prompt": "a"}\n[1, 2]\n': "p.jsonl:2: expected an object",
+        '{"prompt": "a"}\n{"question": "b"}\n': 'p.jsonl:2: missing a non-empty "prompt"',
+        '{"prompt": "a"}\n{oops\n': "p.jsonl:2: not valid JSON",
+        "\n\n": "holds no prompts",
+    }
+    for text, message in cases.items():
+        good.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_jsonl(good)
+    with pytest.raises(ValueError, match="Cannot read prompt file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="neither a built-in"):
+        load_prompts(str(tmp_path / "nothing"))
+
+
+def test_hf_datasets_folder(tmp_path):
+    import datasets
+
+    folder = tmp_path / "ds"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"prompt": "A?", "answer": "1"}]),
+            "val": datasets.Dataset.from_list([{"prompt": "B?", "answer": "2"}]),
+        }
+    ).save_to_disk(str(folder))
+    assert load_prompts(str(folder), "val") == [{"prompt": "B?", "answer": "2"}]
+    with pytest.raises(ValueError, match="has splits"):
+        load_prompts(str(folder), "test")
+
+
+def test_chat_template_and_left_padding(tokenizer):
+    enc = format_prompts(tokenizer, ["What is 1 plus 2?", "Hi"])
+    text = tokenizer.decode(enc["input_ids"][1][enc["attention_mask"][1].bool()])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert enc["attention_mask"][1, 0] == 0 and enc["attention_mask"][1, -1] == 1
+
+
+def test_long_prompts_truncated_or_refused(tokenizer, caplog):
+    long = "word " * 50
+    enc = format_prompts(tokenizer, [long], max_length=16)
+    assert enc["input_ids"].shape[1] == 16 and "truncated" in caplog.text
+    with pytest.raises(ValueError, match="max_prompt_length=16"):
+        format_prompts(tokenizer, [long], max_length=16, truncate=False)
+
+
+def test_datamodule_batches(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Q{i}", "answer": str(i)}) for i in range(5)))
+    dm = PromptDataModule(train="arithmetic", val=str(path), batch_size=4, val_batch_size=2, seed=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["prompt"]) == 4 and all(p.startswith("What is") for p in batch["prompt"])
+    again = PromptDataModule(train="arithmetic", batch_size=4, seed=1)
+    again.setup("fit")
+    assert next(iter(again.train_dataloader()))["prompt"] == batch["prompt"]  # seeded shuffling
+    assert [len(b["prompt"]) for b in dm.val_dataloader()] == [2, 2, 1]

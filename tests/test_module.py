@@ -1,0 +1,155 @@
+import lightning as L
+import pytest
+import torch
+
+from oprd.data import PromptDataModule
+from oprd.models import ModelSpec
+from oprd.module import DistillModule, OptimConfig
+from oprd.rollout import RolloutConfig
+
+TEACHER = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+STUDENT = {**TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+
+
+def make_module(**kwargs) -> DistillModule:
+    defaults = dict(
+        teacher=ModelSpec(config=TEACHER, seed=1),
+        student=ModelSpec(config=STUDENT, seed=2),
+        tokenizer="tiny",
+        rollout=RolloutConfig(max_new_tokens=8),
+        optim=OptimConfig(lr=1e-3),
+        max_prompt_length=64,
+    )
+    return DistillModule(**{**defaults, **kwargs})
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_path):
+    module = make_module()
+    teacher_params = {id(p) for p in module.teacher.parameters()}
+    assert not any(p.requires_grad for p in module.teacher.parameters()) and not module.teacher.training
+    assert all(id(p) not in teacher_params for p in module.parameters())
+    assert "teacher" not in dict(module.named_children())
+    assert all(k.startswith(("student.", "projectors.")) for k in module.state_dict())
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    t = trainer(tmp_path)
+    t.fit(module, PromptDataModule(batch_size=2))
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & teacher_params
+    assert all(torch.equal(before[k], v) for k, v in module.teacher.state_dict().items())
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    assert "teacher" not in str(ModelSummary(module))
+
+
+def test_student_learns_and_projectors_update(tmp_path):
+    module = make_module(optim=OptimConfig(lr=3e-3, projector_lr=1e-2))
+    proj_before = module.projectors.proj["1_3"].weight.clone()
+    trainer(tmp_path, max_steps=4).fit(module, PromptDataModule(batch_size=2))
+    assert not torch.equal(proj_before, module.projectors.proj["1_3"].weight)
+
+
+class FixedRollouts(DistillModule):
+    """Replays slices of one fixed rollout and records the gradient the optimizer sees."""
+
+    def __init__(self, roll, micro: int, **kwargs):
+        super().__init__(**kwargs)
+        self.fixed, self.micro, self.calls, self.grads = roll, micro, 0, None
+
+    def sample(self, prompts, config, seed=None):
+        from dataclasses import replace
+
+        i = self.calls * self.micro
+        self.calls += 1
+        return replace(
+            self.fixed,
+            input_ids=self.fixed.input_ids[i : i + self.micro],
+            attention_mask=self.fixed.attention_mask[i : i + self.micro],
+            response_mask=self.fixed.response_mask[i : i + self.micro],
+        )
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.grads = [p.grad.clone() for p in self.student.parameters() if p.grad is not None]
+
+
+def test_gradient_accumulation_normalises_by_the_whole_step(tmp_path):
+    base = make_module()
+    prompts = [f"What is {i} plus {i + 1}?" for i in range(8)]
+    roll = base.sample(prompts, RolloutConfig(max_new_tokens=10), seed=0)
+    # Unequal response lengths (as if EOS came early) are what make per-micro-batch normalisation wrong.
+    keep = (
+        torch.arange(roll.input_ids.shape[1]) < roll.prompt_length + torch.tensor([1, 9, 2, 10, 3, 4, 10, 5])[:, None]
+    )
+    roll.response_mask *= keep
+    roll.attention_mask *= keep
+    grads = []
+    for micro, accumulate in ((8, 1), (4, 2), (2, 4)):
+        module = FixedRollouts(roll, micro, **_specs())
+        trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(
+            module, PromptDataModule(batch_size=micro)
+        )
+        grads.append(module.grads)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def _specs():
+    return dict(
+        teacher=ModelSpec(config=TEACHER, seed=1),
+        student=ModelSpec(config=STUDENT, seed=2),
+        tokenizer="tiny",
+        rollout=RolloutConfig(max_new_tokens=10),
+        optim=OptimConfig(lr=1e-3),
+    )
+
+
+def test_bad_layer_map_fails_before_weights_load(monkeypatch):
+    import oprd.module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before validation")
+
+    monkeypatch.setattr(oprd.module, "load_model", no_loading)
+    with pytest.raises(ValueError, match="out of range for the teacher"):
+        make_module(layer_map=[[0, 7]])
+
+
+def test_validation_metrics(tmp_path):
+    module = make_module()
+    results = trainer(tmp_path, limit_val_batches=1.0).validate(
+        module, PromptDataModule(max_val_prompts=8), verbose=False
+    )[0]
+    for key in (
+        "val/hidden",
+        "val/cos/0_0",
+        "val/cos/1_3",
+        "val/accuracy",
+        "val/distinct_4",
+        "val/repetition",
+        "val/response_length",
+    ):
+        assert key in results
+    assert 0 <= results["val/accuracy"] <= 1 and results["val/hidden"] > 0
