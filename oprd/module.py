@@ -20,8 +20,9 @@ from torch import Tensor
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from oprd.align import LayerMapSpec, Projectors, resolve_layer_map
-from oprd.capture import HiddenCapture, find_layers
+from oprd.capture import NORM, HiddenCapture, Point, find_layers
 from oprd.data import format_prompts
+from oprd.lm_head import token_loss_sum_from_hidden
 from oprd.losses import HiddenLossConfig, hidden_loss_sums, mean_cosine
 from oprd.metrics import distinct_n, is_correct, repetition_rate
 from oprd.models import (
@@ -34,6 +35,10 @@ from oprd.models import (
     load_tokenizer,
 )
 from oprd.rollout import Rollout, RolloutConfig, rollout
+from oprd.token_losses import TokenLossConfig
+
+# Held-out reverse KL is always exact over the full vocabulary, whatever the training objective (issue: evaluation).
+EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,17 @@ class DistillModule(L.LightningModule):
         tokenizer: tokenizer id/folder/alias, or `tiny`; default: the student's, else the teacher's.
         layer_map: `uniform`, `all`, `last`, `norm`, or explicit `[[student, teacher], ...]` pairs.
         hidden_loss: how hidden states are compared.
+        hidden_weight: mu, the weight of the hidden-state term (0 turns it off: pure token-space distillation).
+        token_loss: the token-space (logit) term on the same rollout and teacher pass; None turns it off.
+        token_weight: the weight of the token-space term.
+        balance: rescale the hidden term to the token term's magnitude (a detached ratio) before weighting.
         rollout: how the student samples during training.
         optim: optimizer and schedule.
         max_prompt_length: longest prompt in tokens.
         truncate_prompts: cut longer prompts (with a warning) instead of refusing them.
         val_max_new_tokens: response length during evaluation (greedy); default `rollout.max_new_tokens`.
+        eval_model: which model answers the held-out prompts in validate/test: the `student` or the `teacher`
+            (to score the teacher with the same metrics).
         seed: base seed of the rollouts (each step's seed derives from it, so resumed runs sample the same).
     """
 
@@ -78,16 +89,32 @@ class DistillModule(L.LightningModule):
         tokenizer: str | None = None,
         layer_map: LayerMapSpec = "uniform",
         hidden_loss: HiddenLossConfig = HiddenLossConfig(),
+        hidden_weight: float = 1.0,
+        token_loss: TokenLossConfig | None = None,
+        token_weight: float = 1.0,
+        balance: bool = False,
         rollout: RolloutConfig = RolloutConfig(),
         optim: OptimConfig = OptimConfig(),
         max_prompt_length: int = 512,
         truncate_prompts: bool = True,
         val_max_new_tokens: int | None = None,
+        eval_model: Literal["student", "teacher"] = "student",
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.hidden_cfg, self.rollout_cfg, self.optim_cfg = hidden_loss, rollout, optim
+        # `load_from_checkpoint` hands back the YAML round-trip of these configs: plain dicts.
+        teacher, student = _as(ModelSpec, teacher), _as(ModelSpec, student)
+        hidden_loss, rollout, optim = (
+            _as(HiddenLossConfig, hidden_loss),
+            _as(RolloutConfig, rollout),
+            _as(OptimConfig, optim),
+        )
+        token_loss = None if token_loss is None else _as(TokenLossConfig, token_loss)
+        if hidden_weight <= 0 and token_loss is None:
+            raise ValueError("Nothing to optimise: set hidden_weight > 0, or a token_loss (e.g. --config opd.yaml).")
+        self.hidden_cfg, self.token_cfg, self.rollout_cfg, self.optim_cfg = hidden_loss, token_loss, rollout, optim
+        self.layers_paths = {"teacher": teacher.layers_path, "student": student.layers_path}
         self.tokenizer = load_tokenizer(tokenizer or student.path or teacher.path or TINY_TOKENIZER)
         if tokenizer is None and student.path and teacher.path:
             check_same_tokenizer(load_tokenizer(teacher.path), self.tokenizer)
@@ -95,7 +122,8 @@ class DistillModule(L.LightningModule):
         t_cfg, s_cfg = load_config(teacher, len(self.tokenizer)), load_config(student, len(self.tokenizer))
         check_vocab(self.tokenizer, t_cfg, "teacher")
         check_vocab(self.tokenizer, s_cfg, "student")
-        self.pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+        pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+        self.pairs = pairs if hidden_weight > 0 else []
 
         self.student = load_model(student, s_cfg)
         teacher_model = load_model(teacher, t_cfg).eval().requires_grad_(False)
@@ -108,8 +136,6 @@ class DistillModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # projectors between unequal widths start random: make that reproducible
             self.projectors = Projectors(self.pairs, s_cfg.hidden_size, t_cfg.hidden_size)
-        self.student_capture = HiddenCapture(self.student, [s for s, _ in self.pairs], student.layers_path)
-        self.teacher_capture = HiddenCapture(teacher_model, [t for _, t in self.pairs], teacher.layers_path)
         self._step_tokens = torch.zeros(())
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -118,21 +144,21 @@ class DistillModule(L.LightningModule):
         start = time.perf_counter()
         roll = self.sample(batch["prompt"], self.rollout_cfg, seed=self._rollout_seed(batch_idx))
         rollout_s = time.perf_counter() - start
-        teacher_states = self.teacher_states(roll)
-        student_states = self.student_states(roll)
-        sums = hidden_loss_sums(student_states, teacher_states, roll.response_mask, self.hidden_cfg)
-        loss_sum = torch.stack(list(sums.values())).mean()
+        need_norm = self.token_cfg is not None
+        teacher_states = self.teacher_states(roll, need_norm)
+        student_states = self.student_states(roll, need_norm)
+        terms = self.loss_terms(student_states, teacher_states, roll, self.token_cfg)
         tokens = roll.response_mask.sum()
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
-        self.log_train(sums, student_states, teacher_states, roll, rollout_s, time.perf_counter() - start)
+        self.log_train(terms, student_states, teacher_states, roll, rollout_s, time.perf_counter() - start)
         # A sum over tokens: `on_before_optimizer_step` divides by the whole step's token count.
-        return loss_sum
+        return terms["loss"]
 
-    def sample(self, prompts: list[str], config: RolloutConfig, seed: int | None = None) -> Rollout:
+    def sample(self, prompts: list[str], config: RolloutConfig, seed: int | None = None, model=None) -> Rollout:
         enc = format_prompts(self.tokenizer, prompts, self.hparams.max_prompt_length, self.hparams.truncate_prompts)
         synced = self.trainer.world_size > 1 if self._trainer is not None else False
         return rollout(
-            self.student,
+            model or self.student,
             self.tokenizer,
             enc["input_ids"].to(self.device),
             enc["attention_mask"].to(self.device),
@@ -142,15 +168,63 @@ class DistillModule(L.LightningModule):
         )
 
     @torch.no_grad()
-    def teacher_states(self, roll: Rollout) -> dict[str, Tensor]:
-        """Teacher hidden states per pair label, `[b, t, d_T]`; the pass stops after the deepest mapped layer."""
+    def teacher_states(self, roll: Rollout, need_norm: bool = False) -> dict[Point, Tensor]:
+        """Teacher hidden states per capture point, `[b, t, d_T]`; the pass stops after the deepest one needed."""
         self._place_teacher()
-        states = self.teacher_capture.run(roll.input_ids, roll.attention_mask)
-        return {label: states[t] for label, (_, t) in zip(self.projectors.labels, self.pairs, strict=True)}
+        points = [t for _, t in self.pairs] + ([NORM] if need_norm else [])
+        return HiddenCapture(self.teacher, points, self.layers_paths["teacher"]).run(
+            roll.input_ids, roll.attention_mask
+        )
 
-    def student_states(self, roll: Rollout) -> dict[str, Tensor]:
-        """Projected student hidden states per pair label, `[b, t, d_T]`, with gradient."""
-        return self.projectors(self.student_capture.run(roll.input_ids, roll.attention_mask))
+    def student_states(self, roll: Rollout, need_norm: bool = False) -> dict[Point, Tensor]:
+        """Student hidden states per capture point, `[b, t, d_S]`, with gradient when enabled."""
+        points = [s for s, _ in self.pairs] + ([NORM] if need_norm else [])
+        return HiddenCapture(self.student, points, self.layers_paths["student"]).run(
+            roll.input_ids, roll.attention_mask
+        )
+
+    def loss_terms(self, student_states, teacher_states, roll: Rollout, token_cfg: TokenLossConfig | None):
+        """Token sums of each term and their weighted mix: `L = w_token * L_token + mu * L_hidden` (OPRD Eq. 7).
+
+        Returns:
+            `loss` (what backward sees), `hidden` (mean over pairs), `hidden/<pair>`, `token` when configured, and
+            the effective weights; all are sums over response tokens.
+        """
+        hp, zero = self.hparams, roll.response_mask.new_zeros((), dtype=torch.float32)
+        terms: dict[str, Tensor] = {"hidden": zero, "hidden_weight": torch.tensor(float(hp.hidden_weight))}
+        if self.pairs:
+            projected = self.projectors(student_states)
+            targets = {
+                label: teacher_states[t] for label, (_, t) in zip(self.projectors.labels, self.pairs, strict=True)
+            }
+            sums = hidden_loss_sums(projected, targets, roll.response_mask, self.hidden_cfg)
+            terms.update({f"hidden/{label}": value for label, value in sums.items()})
+            terms.update(
+                {f"cos/{label}": mean_cosine(projected[label], targets[label], roll.response_mask) for label in sums}
+            )
+            terms["hidden"] = torch.stack(list(sums.values())).mean()
+        loss = hp.hidden_weight * terms["hidden"]
+        if token_cfg is not None:
+            terms["token"] = self.token_sum(student_states, teacher_states, roll, token_cfg)
+            if hp.balance and self.pairs:
+                ratio = terms["token"].detach() / terms["hidden"].detach().clamp_min(1e-12)
+                terms["hidden_weight"] = hp.hidden_weight * ratio
+            loss = hp.token_weight * terms["token"] + terms["hidden_weight"] * terms["hidden"]
+        terms["loss"] = loss
+        return terms
+
+    def token_sum(self, student_states, teacher_states, roll: Rollout, config: TokenLossConfig) -> Tensor:
+        """Token-space loss summed over response tokens: position t-1's distribution predicts response token t."""
+        return token_loss_sum_from_hidden(
+            student_states[NORM][:, :-1],
+            self.student.get_output_embeddings(),
+            teacher_states[NORM][:, :-1],
+            self.teacher.get_output_embeddings(),
+            roll.input_ids[:, 1:],
+            roll.response_mask[:, 1:],
+            config,
+            len(self.tokenizer),
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Exact global normalisation: micro-batches returned sums; Lightning divided them by the accumulation
@@ -165,20 +239,21 @@ class DistillModule(L.LightningModule):
 
     # ---- logging --------------------------------------------------------------------------------------------
 
-    def log_train(self, sums, student_states, teacher_states, roll: Rollout, rollout_s: float, step_s: float):
-        tokens = roll.response_mask.sum().clamp_min(1)
-        per_pair = {label: value.detach() / tokens for label, value in sums.items()}
-        metrics = {"train/loss": torch.stack(list(per_pair.values())).mean()}
-        for label, value in per_pair.items():
-            metrics[f"train/hidden/{label}"] = value
-            metrics[f"train/cos/{label}"] = mean_cosine(
-                student_states[label], teacher_states[label], roll.response_mask
-            )
+    def log_train(self, terms, student_states, teacher_states, roll: Rollout, rollout_s: float, step_s: float):
+        tokens = roll.response_mask.sum().clamp_min(1).float()
+        metrics = {f"train/{k}": v.detach() / tokens for k, v in terms.items() if k.startswith(("hidden", "token"))}
+        metrics.update({f"train/{k}": v for k, v in terms.items() if k.startswith("cos/")})
+        metrics["train/loss"] = terms["loss"].detach() / tokens
+        metrics["train/hidden_weight"] = torch.as_tensor(terms["hidden_weight"]).detach().float()
+        if "token" in terms:
+            metrics["train/token_kl"] = metrics.pop("train/token")
+            metrics["train/token_weight"] = torch.tensor(float(self.hparams.token_weight))
         metrics["train/response_length"] = roll.response_lengths.float().mean()
         metrics["train/rollout_tokens_per_s"] = torch.tensor(float(tokens) / max(rollout_s, 1e-9))
         metrics["train/tokens_per_s"] = torch.tensor(float(roll.attention_mask.sum()) / max(step_s, 1e-9))
-        self.log_dict(metrics, prog_bar=False, batch_size=roll.input_ids.shape[0])
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=roll.input_ids.shape[0])
+        batch_size = roll.input_ids.shape[0]
+        self.log_dict(metrics, batch_size=batch_size)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=batch_size)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
 
@@ -190,16 +265,17 @@ class DistillModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
-        """Greedy responses to held-out prompts, scored against the teacher's hidden states and the answers."""
-        roll = self.sample(batch["prompt"], self.greedy_config())
-        teacher_states, student_states = self.teacher_states(roll), self.student_states(roll)
-        sums = hidden_loss_sums(student_states, teacher_states, roll.response_mask, self.hidden_cfg)
-        tokens = roll.response_mask.sum()
-        metrics = {f"{prefix}/hidden": torch.stack(list(sums.values())).mean() / tokens.clamp_min(1)}
-        for label in sums:
-            metrics[f"{prefix}/cos/{label}"] = mean_cosine(
-                student_states[label], teacher_states[label], roll.response_mask
-            )
+        """Greedy responses to held-out prompts, scored by the teacher (exact reverse KL, hidden states) and answers."""
+        responder = self.teacher if self.hparams.eval_model == "teacher" else self.student
+        self._place_teacher()
+        roll = self.sample(batch["prompt"], self.greedy_config(), model=responder)
+        teacher_states, student_states = self.teacher_states(roll, True), self.student_states(roll, True)
+        terms = self.loss_terms(student_states, teacher_states, roll, EVAL_KL)
+        tokens = roll.response_mask.sum().clamp_min(1).float()
+        metrics = {f"{prefix}/reverse_kl": terms["token"] / tokens}
+        if self.pairs:
+            metrics[f"{prefix}/hidden"] = terms["hidden"] / tokens
+            metrics.update({f"{prefix}/{k}": v for k, v in terms.items() if k.startswith("cos/")})
         texts = self.decode(roll)
         metrics[f"{prefix}/response_length"] = roll.response_lengths.float().mean()
         metrics[f"{prefix}/distinct_4"] = torch.tensor(distinct_n(texts, 4))
@@ -248,3 +324,7 @@ class DistillModule(L.LightningModule):
         else:
             scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _as(cls, value):
+    return cls(**value) if isinstance(value, dict) else value

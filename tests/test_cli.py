@@ -11,13 +11,16 @@ from tests import wandb_reader
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# Objective fragments hold no models: they compose with a model config.
+FRAGMENTS = [p for p in CONFIGS if "teacher:" not in p.read_text()]
 OPRD = Path(sys.executable).parent / "oprd"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config, capsys):
+    base = ["--config", str(ROOT / "configs/tiny.yaml")] if config in FRAGMENTS else []
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *base, "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "trainer:" in printed
@@ -64,6 +67,10 @@ def test_tiny_fit_learns_and_checkpoints_only_student_and_projectors(tmp_path):
     }
     assert not any("teacher" in k for k in state)
     assert state["projectors.proj.1_3.weight"].shape == (64, 32)
+    from oprd.module import DistillModule
+
+    restored = DistillModule.load_from_checkpoint(ckpt_path)  # the hparams' YAML round-trip rebuilds the module
+    assert torch.equal(restored.projectors.proj["1_3"].weight, state["projectors.proj.1_3.weight"])
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
@@ -104,3 +111,18 @@ def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
     assert len(val) == 1 and 0 <= val[0]["val/accuracy"] <= 1
     config = wandb_reader.config(run_dir)
     assert config["layer_map"] == "uniform" and config["rollout"]["max_new_tokens"] == 16
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.name)
+def test_objective_fragments_train_and_log_token_kl(fragment, tmp_path):
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(fragment), "--trainer.max_steps", "3",
+          "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+          "--data.max_val_prompts", "4"])
+    (metrics_file,) = tmp_path.glob("**/metrics.csv")
+    rows = list(csv.DictReader(metrics_file.open()))
+    kl = [float(r["train/token_kl"]) for r in rows if r.get("train/token_kl")]
+    assert len(kl) == 3 and all(v >= 0 or "topk" in fragment.name for v in kl)
+    assert any(r.get("val/reverse_kl") for r in rows)
+    hidden = [float(r["train/hidden"]) for r in rows if r.get("train/hidden")]
+    assert (max(hidden) > 0) == ("mix" in fragment.name)
