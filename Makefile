@@ -20,12 +20,12 @@ run: setup
 	$(VENV)/bin/oprd fit --config configs/quickstart.yaml
 
 test: setup
-	$(PY) -m ruff check oprd tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: setup
 	$(PY) -m pytest -m "slow or gpu" -q
 
 lint: setup
-	$(PY) -m ruff check --fix oprd tests benchmarks
-	$(PY) -m ruff format oprd tests benchmarks
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .

@@ -7,6 +7,8 @@ A layer map is a list of `(student_point, teacher_point)` pairs, where a point i
 * `all`: `uniform` plus the final normed states (`norm -> norm`).
 * `last`: the last decoder layers only.
 * `norm`: the final normed states only.
+* `pruned`: for a depth-pruned student, each kept layer -> the last teacher layer of the block it replaces
+  (`oprd.prune.pruned_layer_map`).
 
 Explicit pairs (`[[0, 1], [1, 3], ["norm", "norm"]]`) override them; lists of pairs survive LightningCLI's YAML
 round-trip, dicts with int keys would not (DESIGN.md).
@@ -20,9 +22,10 @@ import torch
 from torch import nn
 
 from oprd.capture import NORM, Point, resolve_point
+from oprd.prune import pruned_layer_map
 
 LayerMapSpec = str | Sequence[Sequence[int | str]]
-NAMED_MAPS = ("uniform", "all", "last", "norm")
+NAMED_MAPS = ("uniform", "all", "last", "norm", "pruned")
 
 
 def uniform_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
@@ -32,8 +35,13 @@ def uniform_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
     return [(i, round(i * (num_teacher - 1) / (num_student - 1))) for i in range(num_student)]
 
 
-def resolve_layer_map(spec: LayerMapSpec, num_student: int, num_teacher: int) -> list[tuple[Point, Point]]:
+def resolve_layer_map(
+    spec: LayerMapSpec, num_student: int, num_teacher: int, kept_layers: list[int] | None = None
+) -> list[tuple[Point, Point]]:
     """Turn a named map or explicit pairs into validated `(student, teacher)` points.
+
+    Args:
+        kept_layers: the teacher layers a depth-pruned student kept (needed by `pruned`).
 
     Raises:
         ValueError: naming the bad entry and the valid range, before any weights are loaded.
@@ -47,6 +55,10 @@ def resolve_layer_map(spec: LayerMapSpec, num_student: int, num_teacher: int) ->
             return [(num_student - 1, num_teacher - 1)]
         if spec == "norm":
             return [(NORM, NORM)]
+        if spec == "pruned":
+            if kept_layers is None:
+                raise ValueError("layer_map 'pruned' needs a pruned student (`student.keep_layers` or `keep_every`).")
+            return list(pruned_layer_map(kept_layers, num_teacher))
         raise ValueError(
             f"Unknown layer map {spec!r}; use one of {', '.join(NAMED_MAPS)} or a list of [student, teacher]."
         )

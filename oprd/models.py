@@ -7,6 +7,7 @@ fails in seconds, not after the teacher has loaded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+
+from oprd.prune import check_keep_layers, every_kth, prune_layers
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ class ModelSpec:
     """Weights dtype: float32, bfloat16 or float16."""
     seed: int = 0
     """Seed of the random initialisation when built from `config`."""
+    keep_layers: list[int] | None = None
+    """Depth-prune: keep only these decoder layers (e.g. [0, 2, 4]); pair with `layer_map: pruned`."""
+    keep_every: int | None = None
+    """Depth-prune: keep every k-th decoder layer (0, k, 2k, ...); pair with `layer_map: pruned`."""
     layers_path: str | None = None
     """Dotted path to the decoder layers when oprd cannot find them (e.g. `model.layers`)."""
     trust_remote_code: bool = False
@@ -46,6 +53,18 @@ class ModelSpec:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("A model built from `config` needs `model_type` (e.g. llama, qwen3, mistral).")
+        if self.keep_layers is not None and self.keep_every is not None:
+            raise ValueError("Give `keep_layers` or `keep_every`, not both.")
+
+    @property
+    def pruned(self) -> bool:
+        return self.keep_layers is not None or self.keep_every is not None
+
+    def kept_layers(self, num_layers: int) -> list[int] | None:
+        """The kept decoder layers of a depth-pruned model, validated against the unpruned depth."""
+        if self.keep_every is not None:
+            return every_kth(num_layers, self.keep_every)
+        return None if self.keep_layers is None else check_keep_layers(list(self.keep_layers), num_layers)
 
     def describe(self) -> str:
         return self.path or f"random {self.config['model_type']} {self.config}"
@@ -71,26 +90,58 @@ def load_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedCon
         if vocab_size is not None:
             fields.setdefault("vocab_size", vocab_size)
         model_type = fields.pop("model_type")
-        return AutoConfig.for_model(model_type, **fields)
-    try:
-        return AutoConfig.from_pretrained(local_path(spec), trust_remote_code=spec.trust_remote_code)
-    except OSError as err:
-        raise ValueError(f"Cannot load the config of model {spec.path!r}: {err}") from err
+        config = AutoConfig.for_model(model_type, **fields)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(local_path(spec), trust_remote_code=spec.trust_remote_code)
+        except OSError as err:
+            raise ValueError(f"Cannot load the config of model {spec.path!r}: {err}") from err
+    keep = spec.kept_layers(config.num_hidden_layers)
+    if keep is not None:
+        config = pruned_config(config, keep)
+    return config
 
 
 def load_model(spec: ModelSpec, config: PretrainedConfig) -> torch.nn.Module:
-    """Load (or randomly build) the causal LM described by `spec`."""
+    """Load (or randomly build) the causal LM described by `spec`, depth-pruned when it asks for that.
+
+    `config` is the (possibly pruned) config from `load_config`; a pruned model is loaded whole, then pruned.
+    """
     dtype = DTYPES[spec.dtype]
+    keep = pruned_from(spec, config.vocab_size)
+    full_config = config if keep is None else load_config(_unpruned(spec), config.vocab_size)
     if spec.config is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(full_config), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            local_path(spec), config=config, dtype=dtype, trust_remote_code=spec.trust_remote_code
+            local_path(spec), config=full_config, dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
+    if keep is not None:
+        model = prune_layers(model, keep)
     log.info("Loaded %s (%.1fM parameters)", spec.describe(), sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def _unpruned(spec: ModelSpec) -> ModelSpec:
+    return dataclasses.replace(spec, keep_layers=None, keep_every=None)
+
+
+def pruned_from(spec: ModelSpec, vocab_size: int | None = None) -> list[int] | None:
+    """The teacher-side indices of the layers a depth-pruned model keeps; None when it is not pruned."""
+    if not spec.pruned:
+        return None
+    return spec.kept_layers(load_config(_unpruned(spec), vocab_size).num_hidden_layers)
+
+
+def pruned_config(config: PretrainedConfig, keep: list[int]) -> PretrainedConfig:
+    """The config of a model that keeps only `keep` of its decoder layers."""
+    config = copy.deepcopy(config)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = len(keep)
+    return config
 
 
 def load_tokenizer(name: str):

@@ -33,6 +33,7 @@ from oprd.models import (
     load_config,
     load_model,
     load_tokenizer,
+    pruned_from,
 )
 from oprd.rollout import Rollout, RolloutConfig, rollout
 from oprd.token_losses import TokenLossConfig
@@ -122,10 +123,11 @@ class DistillModule(L.LightningModule):
         t_cfg, s_cfg = load_config(teacher, len(self.tokenizer)), load_config(student, len(self.tokenizer))
         check_vocab(self.tokenizer, t_cfg, "teacher")
         check_vocab(self.tokenizer, s_cfg, "student")
-        pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+        kept = pruned_from(student, len(self.tokenizer))
+        pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, kept)
         self.pairs = pairs if hidden_weight > 0 else []
 
-        self.student = load_model(student, s_cfg)
+        self.student = load_model(student, s_cfg).train()  # from_pretrained returns eval mode
         teacher_model = load_model(teacher, t_cfg).eval().requires_grad_(False)
         # Not a registered submodule: out of the optimizer, the checkpoint and the model summary.
         object.__setattr__(self, "teacher", teacher_model)
@@ -263,28 +265,57 @@ class DistillModule(L.LightningModule):
     def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
         self.log_dict(self.evaluate(batch, "test"), sync_dist=True, batch_size=len(batch["prompt"]))
 
-    @torch.no_grad()
     def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
-        """Greedy responses to held-out prompts, scored by the teacher (exact reverse KL, hidden states) and answers."""
-        responder = self.teacher if self.hparams.eval_model == "teacher" else self.student
+        metrics, _ = self.score(batch["prompt"], batch["answer"], self.hparams.eval_model)
+        return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+    @torch.no_grad()
+    def score(
+        self, prompts: list[str], answers: list[str | None], responder: str = "student", per_row: bool = False
+    ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+        """Greedy responses to held-out prompts, scored by the teacher (exact reverse KL, hidden states) and answers.
+
+        Args:
+            responder: `student` or `teacher`: who answers (the teacher scores either way).
+            per_row: also compute each response's own reverse KL (for sample tables).
+
+        Returns:
+            batch metrics (`reverse_kl`, `hidden`, `cos/<pair>`, `accuracy`, ...) and one dict per response.
+        """
         self._place_teacher()
-        roll = self.sample(batch["prompt"], self.greedy_config(), model=responder)
-        teacher_states, student_states = self.teacher_states(roll, True), self.student_states(roll, True)
-        terms = self.loss_terms(student_states, teacher_states, roll, EVAL_KL)
-        tokens = roll.response_mask.sum().clamp_min(1).float()
-        metrics = {f"{prefix}/reverse_kl": terms["token"] / tokens}
-        if self.pairs:
-            metrics[f"{prefix}/hidden"] = terms["hidden"] / tokens
-            metrics.update({f"{prefix}/{k}": v for k, v in terms.items() if k.startswith("cos/")})
+        roll = self.sample(prompts, self.greedy_config(), model=self.teacher if responder == "teacher" else None)
         texts = self.decode(roll)
-        metrics[f"{prefix}/response_length"] = roll.response_lengths.float().mean()
-        metrics[f"{prefix}/distinct_4"] = torch.tensor(distinct_n(texts, 4))
-        metrics[f"{prefix}/repetition"] = torch.tensor(sum(repetition_rate(t, 4) for t in texts) / len(texts))
-        answers = batch["answer"]
+        metrics = {"reverse_kl": torch.zeros(())}  # the teacher's answers, scored against itself: 0 by definition
+        if responder != "teacher":
+            teacher_states, student_states = self.teacher_states(roll, True), self.student_states(roll, True)
+            terms = self.loss_terms(student_states, teacher_states, roll, EVAL_KL)
+            metrics["reverse_kl"] = terms["token"] / roll.response_mask.sum().clamp_min(1).float()
+            if self.pairs:
+                metrics["hidden"] = terms["hidden"] / roll.response_mask.sum().clamp_min(1).float()
+                metrics.update({k: v for k, v in terms.items() if k.startswith("cos/")})
+        metrics["response_length"] = roll.response_lengths.float().mean()
+        metrics["distinct_4"] = torch.tensor(distinct_n(texts, 4))
+        metrics["repetition"] = torch.tensor(sum(repetition_rate(t, 4) for t in texts) / len(texts))
+        correct = [is_correct(t, a) for t, a in zip(texts, answers, strict=True)]
         if all(a is not None for a in answers):
-            correct = [is_correct(t, a) for t, a in zip(texts, answers, strict=True)]
-            metrics[f"{prefix}/accuracy"] = torch.tensor(sum(correct) / len(correct))
-        return metrics
+            metrics["accuracy"] = torch.tensor(sum(correct) / len(correct))
+        rows = [
+            {"prompt": p, "response": t, "answer": a, "correct": c}
+            for p, t, a, c in zip(prompts, texts, answers, correct, strict=True)
+        ]
+        if per_row and responder != "teacher":
+            for i, row in enumerate(rows):
+                one = Rollout(
+                    roll.input_ids[i : i + 1],
+                    roll.attention_mask[i : i + 1],
+                    roll.response_mask[i : i + 1],
+                    roll.prompt_length,
+                )
+                kl = self.token_sum(
+                    {NORM: student_states[NORM][i : i + 1]}, {NORM: teacher_states[NORM][i : i + 1]}, one, EVAL_KL
+                )
+                row["reverse_kl"] = float(kl / one.response_mask.sum().clamp_min(1))
+        return metrics, rows
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
         roll = self.sample(batch["prompt"], self.greedy_config())
