@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +23,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from oprd.align import LayerMapSpec, Projectors, resolve_layer_map
 from oprd.capture import NORM, HiddenCapture, Point, find_layers
 from oprd.data import format_prompts
+from oprd.guard import describe_term, nonfinite_grads, nonfinite_term
 from oprd.lm_head import token_loss_sum_from_hidden
 from oprd.losses import HiddenLossConfig, hidden_loss_sums, mean_cosine
 from oprd.metrics import distinct_n, is_correct, repetition_rate
@@ -80,6 +82,7 @@ class DistillModule(L.LightningModule):
         val_max_new_tokens: response length during evaluation (greedy); default `rollout.max_new_tokens`.
         eval_model: which model answers the held-out prompts in validate/test: the `student` or the `teacher`
             (to score the teacher with the same metrics).
+        nonfinite: on a NaN/inf loss or gradient, `stop` (saving the last good state first) or `skip` the step.
         seed: base seed of the rollouts (each step's seed derives from it, so resumed runs sample the same).
     """
 
@@ -100,6 +103,7 @@ class DistillModule(L.LightningModule):
         truncate_prompts: bool = True,
         val_max_new_tokens: int | None = None,
         eval_model: Literal["student", "teacher"] = "student",
+        nonfinite: Literal["stop", "skip"] = "stop",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -139,10 +143,11 @@ class DistillModule(L.LightningModule):
             torch.manual_seed(seed)  # projectors between unequal widths start random: make that reproducible
             self.projectors = Projectors(self.pairs, s_cfg.hidden_size, t_cfg.hidden_size)
         self._step_tokens = torch.zeros(())
+        self.skipped_steps = 0
 
     # ---- the step -------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         start = time.perf_counter()
         roll = self.sample(batch["prompt"], self.rollout_cfg, seed=self._rollout_seed(batch_idx))
         rollout_s = time.perf_counter() - start
@@ -150,6 +155,9 @@ class DistillModule(L.LightningModule):
         teacher_states = self.teacher_states(roll, need_norm)
         student_states = self.student_states(roll, need_norm)
         terms = self.loss_terms(student_states, teacher_states, roll, self.token_cfg)
+        bad = nonfinite_term(terms)
+        if self.trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+            return self._nonfinite(f"{describe_term(bad or 'loss')} is not finite")  # None skips this micro-batch
         tokens = roll.response_mask.sum()
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
         self.log_train(terms, student_states, teacher_states, roll, rollout_s, time.perf_counter() - start)
@@ -238,6 +246,24 @@ class DistillModule(L.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(scale.to(param.grad.device))
         self._step_tokens = torch.zeros((), device=self._step_tokens.device)
+        bad = nonfinite_grads(self.named_parameters())
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            self._nonfinite(f"the gradient of {', '.join(bad) or 'a parameter on another rank'} is not finite")
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+
+    def _nonfinite(self, what: str) -> None:
+        """Stop with a checkpoint of the last good state, or count and skip the step (`nonfinite: skip`)."""
+        step = self.trainer.global_step
+        if self.hparams.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+            return None
+        path = Path(self.trainer.default_root_dir) / f"nonfinite-step{step}-last-good.ckpt"
+        self.trainer.save_checkpoint(path)  # the bad update was not applied: these weights are the last good ones
+        raise FloatingPointError(
+            f"Step {step}: {what}. Saved the last good state to {path}. Lower the learning rate, set "
+            "`model.nonfinite: skip` to skip such steps, or resume from the checkpoint with --ckpt_path."
+        )
 
     # ---- logging --------------------------------------------------------------------------------------------
 

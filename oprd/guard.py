@@ -1,0 +1,40 @@
+"""Numerical faults: find the term or parameter that went non-finite, so the error can name it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+def nonfinite_term(terms: Mapping[str, Tensor]) -> str | None:
+    """The most specific loss term (`hidden/<pair>` before `hidden`) whose value is NaN or infinite, or None."""
+    for name, value in sorted(terms.items(), key=lambda item: "/" not in item[0]):
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
+def nonfinite_grads(named_params: Iterable[tuple[str, nn.Parameter]], limit: int = 3) -> list[str]:
+    """Names of (at most `limit`) parameters whose gradient holds NaN or infinity."""
+    bad = []
+    for name, param in named_params:
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def describe_term(name: str) -> str:
+    """`hidden/3_7` -> "the hidden-state term of layer pair 3_7 (student 3 -> teacher 7)"."""
+    if name.startswith("hidden/"):
+        pair = name.removeprefix("hidden/")
+        student, _, teacher = pair.partition("_")
+        return f"the hidden-state term of layer pair {pair} (student {student} -> teacher {teacher})"
+    if name == "token":
+        return "the token-space term"
+    return f"the {name} term"
