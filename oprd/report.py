@@ -95,8 +95,12 @@ class DistillReport(L.Callback):
     def on_fit_start(self, trainer, module) -> None:
         if trainer.is_global_zero:
             items = self._items(trainer)
+            console = Console()
+            console.print(f"Scoring the teacher and the untrained student on {len(items)} held-out prompts...")
             self.results["teacher"] = self._score(module, items, "teacher")
             self.results["before"] = self._score(module, items, "student", per_row=True)
+            before = self.results["before"][0]
+            console.print(f"  student before: {_brief(before)}; teacher: {_brief(self.results['teacher'][0])}")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -108,6 +112,7 @@ class DistillReport(L.Callback):
     def on_fit_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
             return
+        Console().print("Scoring the distilled student...")
         self.results["after"] = self._score(module, self._items(trainer), "student", per_row=True)
         exported = None
         if self.export_dir is not None:
@@ -166,3 +171,7 @@ def _log_artifact(logger, folder: Path) -> None:
     artifact = wandb.Artifact("student", type="model")
     artifact.add_dir(str(folder))
     logger.experiment.log_artifact(artifact)
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {metrics[name]:.3f}" for name in ("accuracy", "reverse_kl") if name in metrics)
