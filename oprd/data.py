@@ -7,15 +7,17 @@ belongs to the models, not to the data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,65 @@ def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None,
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+def check_sources(train: str | None, val: str | None = None, seed: int = 0, num_val: int = 100) -> None:
+    """Read each prompt source once to fail fast: the CLI calls this before any model is loaded (issue 6).
+
+    Raises:
+        ValueError: an empty, unreadable or malformed source, with the file and line number.
+    """
+    for source, split in ((train, "train"), (val, "val")):
+        if source is not None:
+            load_prompts(source, split, seed=seed, num_val=num_val)
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffles each epoch with `seed + epoch`, shards by rank, and can start an epoch part-way after a resume.
+
+    A `DistributedSampler`, so Lightning does not wrap it in its own under DDP (which would lose the position).
+    """
+
+    def __init__(self, items, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+        """Indices of this epoch that a checkpointed run already consumed; skipped once, by the next iteration."""
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that knows how many batches of the epoch it has handed out, and can continue from there.
+
+    Lightning saves `state_dict()` of a stateful train loader in every checkpoint and calls `load_state_dict` before
+    iterating on resume. It does not prefetch from sized loaders, so the batches counted here are exactly those that
+    reached a training step: a resumed run sees the rest of the epoch in the uninterrupted run's order.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+
+    def __iter__(self) -> Iterator:
+        self._served = self.sampler.start // self.batch_size
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches) -> Iterator:
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):  # saved after the epoch's last batch: the next epoch starts at its beginning
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = batches * self.batch_size
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts for on-policy distillation: the student writes the responses, so only prompts are needed.
 
@@ -154,7 +215,7 @@ class PromptDataModule(L.LightningDataModule):
         val_batch_size: prompts per validation batch.
         num_val: held-out prompts of a built-in task.
         max_val_prompts: evaluate on at most this many validation prompts (None = all).
-        seed: shuffling and built-in splits.
+        seed: shuffling (epoch e is shuffled with seed + e, so a resumed run sees the same order) and built-in splits.
         num_workers: DataLoader workers.
     """
 
@@ -184,16 +245,19 @@ class PromptDataModule(L.LightningDataModule):
                 self.val_items = load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)
             self.val_items = self.val_items[: hp.max_val_prompts]
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
+    def train_dataloader(self) -> ResumableLoader:
+        hp, trainer = self.hparams, self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_items, seed=hp.seed, num_replicas=replicas, rank=rank)
+        return ResumableLoader(
             self.train_items,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_items) >= self.hparams.batch_size,
-            generator=generator,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            drop_last=len(sampler) >= hp.batch_size,
+            # Worker seeds come from this generator, not from the global RNG, which iterating would otherwise advance.
+            generator=torch.Generator().manual_seed(hp.seed),
             collate_fn=collate,
-            num_workers=self.hparams.num_workers,
+            num_workers=hp.num_workers,
         )
 
     def _eval_loader(self) -> DataLoader:

@@ -1,30 +1,165 @@
-"""Write the distilled student as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads."""
+"""Write the distilled student as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
+
+    oprd export --ckpt_path runs/tiny/checkpoints/last.ckpt --out students/tiny [--config fit.yaml] [--overwrite]
+
+Only the student is rebuilt (from the checkpoint's hyper-parameters) and filled with the trained weights: the teacher,
+often many times larger, is never loaded. The folder holds weights, config, generation config and tokenizer.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from oprd.checkpoint import check_state_shapes
+from oprd.models import TINY_TOKENIZER, ModelSpec, load_config, load_model, load_tokenizer
+
+STUDENT_PREFIX = "student."
 
 
 def export_student(module, folder: str | Path, overwrite: bool = False) -> Path:
-    """Save the student's weights, config, generation config and the tokenizer into `folder`.
+    """Save a DistillModule's student and tokenizer into `folder` (see `save_folder`)."""
+    return save_folder(module.student, module.tokenizer, folder, overwrite)
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, folder: str | Path, overwrite: bool = False, model_overrides: Mapping[str, Any] | None = None
+) -> Path:
+    """Rebuild the student of a checkpoint, load its trained weights and save it as a Hugging Face folder.
+
+    Args:
+        ckpt_path: a checkpoint written by `oprd fit`.
+        folder: destination; refused when it is not empty, unless `overwrite`.
+        overwrite: replace a non-empty `folder`.
+        model_overrides: `model` settings that replace the checkpoint's hyper-parameters (e.g. a moved folder).
+    """
+    _refuse_non_empty(Path(folder), overwrite)  # before the (possibly long) checkpoint load
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = {**checkpoint["hyper_parameters"], **(model_overrides or {})}
+    student, tokenizer = build_student(hparams)
+    state = checkpoint["state_dict"]
+    weights = {k.removeprefix(STUDENT_PREFIX): v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    check_state_shapes(student, weights, f"checkpoint {ckpt_path}")
+    student.load_state_dict(weights, strict=True)
+    return save_folder(student, tokenizer, folder, overwrite)
+
+
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """Load an `oprd fit` checkpoint on the CPU (memory-mapped), with errors that say what is wrong."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ValueError(f"Checkpoint {path} does not exist; `oprd fit` writes them to <default_root_dir>/checkpoints.")
+    # Our own checkpoints hold config dataclasses in their hyper-parameters: they need the full unpickler.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint of `oprd fit` (no state_dict and hyper_parameters).")
+    return checkpoint
+
+
+def build_student(hparams: Mapping[str, Any]):
+    """The student model and tokenizer that DistillModule builds from the same hyper-parameters, without the teacher.
+
+    Returns:
+        `(student, tokenizer)`; the student holds its initial weights.
+    """
+    teacher, student = _spec(hparams["teacher"]), _spec(hparams["student"])
+    # The same choice as DistillModule: an explicit tokenizer, else the student's, else the teacher's.
+    tokenizer = load_tokenizer(hparams.get("tokenizer") or student.path or teacher.path or TINY_TOKENIZER)
+    return load_model(student, load_config(student, len(tokenizer))), tokenizer
+
+
+def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False) -> Path:
+    """Save weights, config, generation config and tokenizer into `folder`.
 
     The folder is written next to its destination and moved into place at the end, so an interrupted export never
     leaves half a model behind. A non-empty folder is refused unless `overwrite` is set, to never lose a user's model.
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} is not empty; choose another folder or pass overwrite=True (--overwrite).")
+    _refuse_non_empty(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        module.student.save_pretrained(staging)
-        module.tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
+        generation_config(model, tokenizer).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def generation_config(model, tokenizer):
+    """The model's generation config, completed with the tokenizer's EOS and pad tokens (a copy: never mutated).
+
+    Models built from a bare config have no EOS id; without it `generate` would run past the end of every answer,
+    unlike training, whose rollouts stop at the tokenizer's EOS.
+    """
+    config = copy.deepcopy(model.generation_config)
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _refuse_non_empty(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; choose a folder for the exported model.")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} is not empty; choose another folder or pass overwrite=True (--overwrite).")
+
+
+def _spec(value) -> ModelSpec:
+    # Hyper-parameters of CLI runs are a YAML round-trip: plain dicts (DESIGN.md).
+    return ModelSpec(**value) if isinstance(value, Mapping) else value
+
+
+# ---- the `oprd export` subcommand ---------------------------------------------------------------------------------
+
+DESCRIPTION = "Write the distilled student of a checkpoint as a Hugging Face folder (weights, config, tokenizer)."
+
+
+def export_parser():
+    """The parser of `oprd export` (also listed in `oprd --help`)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="oprd export", description=DESCRIPTION)
+    parser.add_argument("--ckpt_path", type=str, required=True, help="Checkpoint written by `oprd fit`.")
+    parser.add_argument("--out", type=str, required=True, help="Folder to write; refused when not empty.")
+    parser.add_argument(
+        "--config",
+        type=str | None,
+        default=None,
+        help="A fit config (YAML) whose `model:` settings replace the checkpoint's (e.g. a model folder that moved).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out folder.")
+    return parser
+
+
+def model_section(config_path: str | Path) -> dict[str, Any]:
+    """The `model:` settings of a fit config (subclass-mode configs nest them under `init_args`)."""
+    try:
+        config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ValueError(f"Cannot read config {config_path}: {err.strerror}.") from err
+    model = config.get("model") or {}
+    return dict(model.get("init_args", model))
+
+
+def export_main(args: list[str]) -> Path:
+    """Run `oprd export` with command-line arguments (without the subcommand name)."""
+    parsed = export_parser().parse_args(args)
+    overrides = model_section(parsed.config) if parsed.config else None
+    folder = export_checkpoint(parsed.ckpt_path, parsed.out, overwrite=parsed.overwrite, model_overrides=overrides)
+    print(f"Exported the student of {parsed.ckpt_path} to {folder}")
     return folder

@@ -1,0 +1,303 @@
+"""Checkpoints a user can trust with days of compute (issue 6: exact resume, nothing lost).
+
+* `AtomicCheckpointIO` writes every checkpoint atomically: a crash mid-write leaves the previous `last.ckpt` intact.
+* `ResumableCheckpoint` is the `ModelCheckpoint` that `oprd fit` always adds (`--checkpoint.*` flags, a `checkpoint:`
+  YAML section). It keeps checkpoints in one folder across runs so `--ckpt_path last` finds them, stores the RNG
+  states, saves at the end of the current step on SIGTERM or Ctrl-C, and saves the final step.
+* `check_state_shapes` turns a checkpoint from another model width into an error that names the shapes.
+
+The rest of the state that an exact resume needs is saved by Lightning itself: student and projector weights
+(`state_dict`), optimizer and scheduler states, loop progress, and the data position (the train loader is stateful:
+`oprd.data.ResumableLoader`). Rollouts draw from a seed derived from the position in the run, not from RNG state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+# ---- atomic writes ------------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save` into a file next to `path`, flushed to disk, then renamed over `path` in one step.
+
+    A rename within one folder is atomic: readers (and a resumed run) see the old file or the new one, never half of
+    one. The staging name is fixed, so a write killed half-way is overwritten by the next save instead of piling up.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself survive a power loss; folders cannot be opened for fsync on Windows.
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with atomic, durable local writes (the default plugin of `oprd fit`).
+
+    Lightning's own writer stages the file in the system temp folder and moves it into place: across file systems
+    that move is a copy, so a crash mid-copy truncates `last.ckpt` (and orphans a checkpoint-sized file in /tmp).
+    Remote paths (`s3://`, `gs://`) keep Lightning's behaviour: object stores publish whole objects only.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, path)
+
+
+# ---- RNG states ---------------------------------------------------------------------------------------------------
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states, in types that `torch.load(weights_only=True)` accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), position, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what `rng_states` captured (CUDA states only when the device count matches)."""
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- shape check --------------------------------------------------------------------------------------------------
+
+
+def check_state_shapes(module: torch.nn.Module, state_dict: Mapping[str, Any], source: str = "the checkpoint") -> None:
+    """Refuse a state dict whose tensors do not fit `module`, naming every mismatch and its shapes.
+
+    A checkpoint from a student of another width (or a teacher of another width, through the projectors, which are
+    `[d_T, d_S]`) would otherwise fail deep inside `load_state_dict`, after the models were built.
+
+    Raises:
+        ValueError: e.g. `projectors.proj.1_3.weight is [64, 32] in the checkpoint but [64, 16] in this model`.
+    """
+    own = module.state_dict()
+    keys = [k for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    # Projectors first: their `[d_T, d_S]` names both widths at once.
+    keys.sort(key=lambda k: not k.startswith("projectors."))
+    wrong = [f"{k} is {list(state_dict[k].shape)} in {source} but {list(own[k].shape)} in this model" for k in keys]
+    if wrong:
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise ValueError(
+            f"{source} does not fit this model: {'; '.join(wrong[:5])}{more}. It was saved from models of other "
+            "widths or depths: use the model settings it was trained with (they are stored in the checkpoint)."
+        )
+
+
+# ---- the callback -------------------------------------------------------------------------------------------------
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` for runs that get stopped: stable folder, RNG states, a save on SIGTERM / Ctrl-C.
+
+    On SIGTERM (Lightning's handler) or a first Ctrl-C (ours), the current step finishes, `last.ckpt` is written and
+    the run exits (code 143 for SIGTERM, 1 for Ctrl-C); a second Ctrl-C aborts at once without saving. Saving at a
+    step boundary is what makes the resumed run identical: a checkpoint taken mid-step would mix two steps' states.
+
+    Args:
+        dirpath: checkpoint folder; default `<trainer.default_root_dir>/checkpoints`, the same for every run, so
+            `--ckpt_path last` finds the previous run's `last.ckpt` (Lightning's default is the logger's version
+            folder, which changes on every run).
+        filename: name pattern of the top-k checkpoints.
+        every_n_train_steps: also save every N optimizer steps (None: at validation and epoch ends only).
+        save_last: keep `last.ckpt` at the newest saved step; signals and the end of training update it too.
+        save_top_k: how many step- or metric-named checkpoints to keep besides `last.ckpt` (default 0: only
+            `last.ckpt`, one write per save: a student checkpoint can be gigabytes).
+        monitor: metric that ranks the top-k checkpoints (None: the newest are kept).
+        mode: `min` or `max` for `monitor`.
+        train_time_interval: also save at this wall-time interval.
+        every_n_epochs: save every N epochs (None: Lightning's default).
+        save_weights_only: drop optimizer, scheduler and loop states (such a checkpoint cannot resume exactly).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        every_n_train_steps: int | None = None,
+        save_last: bool | Literal["link"] | None = True,
+        save_top_k: int = 0,
+        monitor: str | None = None,
+        mode: str = "min",
+        train_time_interval: timedelta | None = None,
+        every_n_epochs: int | None = None,
+        save_weights_only: bool = False,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            every_n_train_steps=every_n_train_steps,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            monitor=monitor,
+            mode=mode,
+            train_time_interval=train_time_interval,
+            every_n_epochs=every_n_epochs,
+            save_weights_only=save_weights_only,
+        )
+        self._ctrl_c = False
+        self._stopping = False
+        self._step_seen = 0
+        self._stepped = True  # whether the last batch ended an optimizer step (not mid gradient accumulation)
+        self._sigint_installed = False
+        self._previous_sigint: Any = None
+        self._rng_to_restore: Mapping[str, Any] | None = None
+
+    # -- where checkpoints live
+
+    def _use_default_dirpath(self, trainer) -> None:
+        if self.dirpath is None:
+            root = str(trainer.default_root_dir)
+            folder = os.path.join(root, "checkpoints")
+            self.dirpath = os.path.realpath(folder) if isinstance(get_filesystem(root), LocalFileSystem) else folder
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._use_default_dirpath(trainer)
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._stopping = False
+            self._install_ctrl_c()
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        # `--ckpt_path last` is resolved before `setup`: look in the folder that `setup` will use.
+        self._use_default_dirpath(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+    # -- RNG states: part of every checkpoint, restored just before the first resumed step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_seen, self._stepped = trainer.global_step, True
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # -- stopping on signals
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
+        if not self._stepped:
+            return  # mid gradient accumulation: the accumulated gradients are not part of a checkpoint
+        signalled = self._ctrl_c or trainer.received_sigterm
+        # Every rank must take part in a save (it is collective), so they agree on whether any rank was signalled.
+        if not trainer.strategy.reduce_boolean_decision(signalled, all=False):
+            return
+        self._stopping = True
+        self._save_current(trainer, "Ctrl-C" if self._ctrl_c else "SIGTERM")
+        if self._ctrl_c:
+            raise KeyboardInterrupt  # Lightning's handler tears the run down and exits with code 1
+        # SIGTERM: Lightning raises SIGTERMException once this step's hooks are done.
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_ctrl_c()
+        if isinstance(exception, SIGTERMException) and not self._stopping:
+            # SIGTERM came after this step's checkpoint hook (e.g. during validation): the step is complete, so its
+            # state is consistent. With several ranks they may be at different points, and a save would hang.
+            if trainer.world_size == 1 and not trainer.sanity_checking and trainer.global_step > 0:
+                if not self._stepped:
+                    rank_zero_warn("SIGTERM came mid gradient accumulation: the resumed step misses those gradients.")
+                self._save_current(trainer, "SIGTERM")
+        elif isinstance(exception, KeyboardInterrupt) and not self._stopping:
+            rank_zero_warn(f"Aborted without saving; the newest checkpoint is {self.last_model_path or 'none'}.")
+        super().on_exception(trainer, pl_module, exception)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Lightning writes `last` at the end only if nothing was saved before: keep it at the final step instead.
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_ctrl_c()
+        super().teardown(trainer, pl_module, stage)
+
+    def _save_current(self, trainer, reason: str) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            if self.save_last is True:
+                self._save_last_checkpoint(trainer, candidates)
+            else:  # `link` would point at an older top-k file; without `last` nothing else would resume
+                self._save_checkpoint(trainer, self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST))
+        rank_zero_info(
+            f"{reason}: saved a checkpoint at step {trainer.global_step} to {self._last_checkpoint_saved}; resume "
+            "with `oprd fit ... --ckpt_path last`."
+        )
+
+    def _install_ctrl_c(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return  # started with Ctrl-C ignored (nohup, background jobs): keep it so
+        self._ctrl_c = False
+        self._previous_sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        self._sigint_installed = True
+
+    def _on_ctrl_c(self, signum, frame) -> None:
+        self._ctrl_c = True
+        # The next Ctrl-C goes to the previous handler: KeyboardInterrupt at once, for a user who cannot wait.
+        self._restore_ctrl_c()
+        rank_zero_info("Ctrl-C: finishing this step, then saving a checkpoint. Press Ctrl-C again to abort at once.")
+
+    def _restore_ctrl_c(self) -> None:
+        if self._sigint_installed and threading.current_thread() is threading.main_thread():
+            # None: the previous handler was not set from Python; the default one raises KeyboardInterrupt.
+            previous = self._previous_sigint if self._previous_sigint is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+            self._sigint_installed = False
