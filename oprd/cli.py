@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -48,9 +49,20 @@ class OprdCLI(LightningCLI):
             subcommands.add_subcommand("export", export_parser(), help=EXPORT_DESCRIPTION)
 
 
+def _show_progress_logs() -> None:
+    # oprd says what it does (building a built-in model takes minutes on a CPU); Lightning configures only its own.
+    logger = logging.getLogger("oprd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("oprd: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(args: list[str] | None = None) -> None:
     # Tokenizers' thread pool forks badly under DataLoader workers and prints a warning per process.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _show_progress_logs()
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
         export_main(argv[1:])

@@ -6,10 +6,17 @@ Shape legend:
     p  prompt tokens (left-padded)
     r  response tokens (right-padded after EOS)
     t  p + r
+
+Rollouts go through a `RolloutEngine` (issue 7). The default, `hf`, is Hugging Face `generate` on the live student: it
+needs no weight sync, works on CPU and under DDP / FSDP2 (with `synced_gpus`), and is what the tests exercise. A vLLM
+engine (colocated, weights copied from the student every N steps) is deliberately not included: it can only be built
+and tested on a GPU, and the optional dependency must never be needed to import oprd or to run its tests. The
+interface below is what such an engine implements; `register_engine` makes it selectable as `rollout.engine`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +38,8 @@ class RolloutConfig:
     """Responses sampled per prompt."""
     do_sample: bool = True
     """Sample (True) or decode greedily (False)."""
+    engine: str = "hf"
+    """Rollout engine: `hf` (transformers `generate` on the live student), or a name given to `register_engine`."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.num_generations < 1:
@@ -130,3 +139,56 @@ def rollout(
         response_mask=torch.cat([prompt_zeros, resp_mask], dim=1),
         prompt_length=prompt_length,
     )
+
+
+class RolloutEngine(ABC):
+    """Turns left-padded prompts into a `Rollout` sampled from the student's current policy.
+
+    An engine that keeps its own copy of the weights (vLLM, SGLang) must refresh it in `sync_weights`, which
+    DistillModule calls after every optimizer step: rollouts from stale weights are off-policy.
+    """
+
+    @abstractmethod
+    def generate(
+        self,
+        model: nn.Module,
+        tokenizer,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        config: RolloutConfig,
+        seed: int | None = None,
+        synced_gpus: bool = False,
+    ) -> Rollout:
+        """Sample `config.num_generations` responses per prompt (`input_ids`: `[b, p]`, left-padded)."""
+
+    def sync_weights(self, model: nn.Module, step: int) -> None:
+        """Copy the student's weights into the engine after optimizer step `step` (no-op for engines that read the
+        live model)."""
+        return None
+
+
+class HFGenerateEngine(RolloutEngine):
+    """`model.generate` with KV cache on the live student (the default): see `rollout`."""
+
+    def generate(self, model, tokenizer, input_ids, attention_mask, config, seed=None, synced_gpus=False) -> Rollout:
+        return rollout(model, tokenizer, input_ids, attention_mask, config, seed=seed, synced_gpus=synced_gpus)
+
+
+ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFGenerateEngine}
+
+
+def register_engine(name: str, engine: type[RolloutEngine]) -> None:
+    """Make `engine` selectable as `rollout.engine: <name>` (call it before the module is built)."""
+    if not (isinstance(engine, type) and issubclass(engine, RolloutEngine)):
+        raise TypeError(f"A rollout engine must subclass RolloutEngine, got {engine!r}.")
+    ENGINES[name] = engine
+
+
+def get_engine(name: str) -> RolloutEngine:
+    """A fresh engine by name, with an error that lists the registered ones."""
+    if name not in ENGINES:
+        raise ValueError(
+            f"Unknown rollout engine {name!r}; registered: {', '.join(sorted(ENGINES))}. oprd ships only `hf` "
+            "(vLLM is not bundled: register your own engine with oprd.rollout.register_engine)."
+        )
+    return ENGINES[name]()

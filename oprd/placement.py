@@ -1,0 +1,92 @@
+"""Where the frozen teacher lives (issue 7): on the student's device, on another device, or in CPU RAM between passes.
+
+The teacher's dtype is `model.teacher.dtype` (`bfloat16` / `float16` halve its memory; hidden states are compared in
+float32 whatever the dtype). Its placement is one of:
+
+========================  =======================================================================================
+option                    teacher memory on the student's device (P teacher parameters, B bytes per parameter)
+========================  =======================================================================================
+default                   P x B for the whole run.
+`teacher_device: cuda:1`  none: the teacher runs on its own device; each step moves the sequences there and the
+                          captured states (`[b, t, d_T]` per mapped layer) back. A token-space term also copies
+                          the teacher's LM head (`V x d_T x B`) to the student's device once.
+`offload_teacher: true`   none between passes; P x B while the teacher pass runs (its weights are copied in, then
+                          dropped), so the teacher never coexists with the student's activations and gradients,
+                          which peak in the student pass. Costs one host-to-device copy of P x B per step (and
+                          its LM head again when a token-space term needs it).
+`shard_teacher: true`     P x B / world size at rest, plus one decoder layer gathered at a time during its pass
+                          (FSDP2, see `oprd/sharding.py`); needs 2+ processes.
+========================  =======================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from oprd.lm_head import head_params
+from oprd.sharding import gathered_head
+
+
+@dataclass(frozen=True)
+class TeacherPlacement:
+    """Teacher placement: a fixed device, or CPU offload between passes (not both)."""
+
+    device: str | None = None
+    """Device of the teacher (`cuda:1`, `cpu`); None: the student's device."""
+    offload: bool = False
+    """Keep the teacher in CPU memory and move it to the compute device only for its pass."""
+
+    def __post_init__(self) -> None:
+        if self.device is not None and self.offload:
+            raise ValueError(
+                "Give `teacher_device` or `offload_teacher`, not both: offloading moves the teacher to "
+                "the student's device for each pass."
+            )
+        if self.device is not None:
+            torch.device(self.device)  # a malformed device string fails at start-up, not at the first step
+
+    def compute_device(self, student_device: torch.device) -> torch.device:
+        """Where the teacher's pass runs."""
+        return torch.device(self.device) if self.device is not None else student_device
+
+    def rest_device(self, student_device: torch.device) -> torch.device:
+        """Where the teacher waits between passes."""
+        return torch.device("cpu") if self.offload else self.compute_device(student_device)
+
+    def rest(self, teacher: nn.Module, student_device: torch.device) -> None:
+        """Move the teacher to where it waits between passes (a no-op once it is there)."""
+        _move(teacher, self.rest_device(student_device))
+
+    @contextlib.contextmanager
+    def active(self, teacher: nn.Module, student_device: torch.device) -> Iterator[torch.device]:
+        """The teacher on its compute device for the duration of the block; yields that device."""
+        device = self.compute_device(student_device)
+        _move(teacher, device)
+        try:
+            yield device
+        finally:
+            if self.offload:
+                _move(teacher, torch.device("cpu"))
+
+    def head(self, teacher: nn.Module, student_device: torch.device):
+        """The teacher's output head as a module with `.weight` (and `.bias`) on the student's device.
+
+        A head elsewhere (another device, CPU offload) is copied for this step; an FSDP-sharded head is gathered.
+        """
+        head = gathered_head(teacher.get_output_embeddings())
+        weight, bias = head_params(head)
+        if weight.device == student_device:
+            return head
+        return SimpleNamespace(weight=weight.to(student_device), bias=None if bias is None else bias.to(student_device))
+
+
+def _move(module: nn.Module, device: torch.device) -> None:
+    param = next(module.parameters(), None)
+    if param is not None and param.device != device:
+        module.to(device)

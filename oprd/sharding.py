@@ -1,0 +1,177 @@
+"""Multi-process training (issue 7): what DDP and FSDP2 need from the student, the projectors and the teacher.
+
+* **DDP** (`--trainer.strategy ddp`): every trainable parameter must get a gradient in every step, or DDP (with its
+  default `find_unused_parameters=False`) fails at the second step. The hidden-state loss never reaches the LM head
+  (and, with a truncating layer map, the final norm or the last layers), so `freeze_unreached` freezes what the loss
+  cannot reach. Their updates were zero anyway; frozen, they cost no gradient buffers or all-reduce traffic.
+* **FSDP2** (`--trainer.strategy fsdp2`, i.e. `FSDP2Strategy`): Lightning's `ModelParallelStrategy` with every
+  process in one data-parallel group and single-file checkpoints. `DistillModule.configure_model` shards each
+  decoder layer and then the whole student (`shard_model`), and the projectors; with `shard_teacher: true` the
+  teacher too (under DDP as well: a DDP student with an FSDP2 teacher). Sharded models run whole forward passes
+  (`full_forward_states`): hook-based early exit would skip FSDP's post-forward hooks. Generation passes
+  `synced_gpus=True` (a rank that stops sampling early would otherwise leave the others waiting in an all-gather).
+
+Global normalisation is the same for both: DDP and FSDP2 average gradients over ranks and Lightning divides by the
+accumulation count, so `DistillModule.on_before_optimizer_step` multiplies both back and divides by the all-reduced
+response-token count of the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import timedelta
+from types import SimpleNamespace
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import Tensor, nn
+from torch.distributed.constants import default_pg_timeout
+
+from oprd.capture import NORM, HiddenCapture, Point, find_final_norm, find_layers
+from oprd.lm_head import head_params
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over all processes: `ModelParallelStrategy` with data parallelism over every device, no tensor
+    parallelism, and (by default) checkpoints gathered into one file that a single-process run or `oprd export` loads.
+
+    Args:
+        save_distributed_checkpoint: save one shard per rank (a folder) instead of one gathered file; for models
+            whose full state does not fit rank 0's CPU memory. Consolidate it with
+            `python -m lightning.pytorch.utilities.consolidate_checkpoint <folder>`.
+        process_group_backend: `nccl` on GPUs, `gloo` on CPUs by default.
+        timeout: collective-operation timeout.
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # the parent's "auto" is the node count: shard over every process
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over all processes (oprd.sharding)")
+
+
+def data_parallel_mesh(strategy, device: torch.device):
+    """The mesh to shard over: the strategy's data-parallel mesh, or every process (e.g. under DDP)."""
+    if isinstance(strategy, ModelParallelStrategy):
+        if strategy.device_mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "oprd shards with FSDP2 only (no tensor parallelism): use `--trainer.strategy fsdp2`, or set "
+                "ModelParallelStrategy's `data_parallel_size` to the number of processes and `tensor_parallel_size: 1`."
+            )
+        return strategy.device_mesh["data_parallel"]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (strategy.world_size,), mesh_dim_names=("data_parallel",))
+
+
+def shard_model(model: nn.Module, mesh, layers_path: str | None = None, reshard_root: bool = True) -> nn.Module:
+    """FSDP2 in place: one unit per decoder layer (gathered one at a time), then the root (embeddings, norm, head).
+
+    Args:
+        reshard_root: free the root's gathered weights after each forward; False keeps them until the backward, as
+            a token-space term needs (it reads the LM head's weight outside the forward).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in find_layers(model, layers_path):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_forward_states(
+    model: nn.Module, points: Sequence[Point], layers_path: str | None, input_ids: Tensor, attention_mask: Tensor
+) -> dict[Point, Tensor]:
+    """Hidden states of a sharded model: a whole forward through the root, with the LM head on one position only.
+
+    FSDP2 gathers and frees weights in forward hooks of each unit; the early exit of `HiddenCapture` (an exception
+    raised in a hook) would skip those of the root. Costs the layers after the deepest capture point: none for the
+    default `uniform` map, whose deepest pair is the last layer.
+    """
+    capture = HiddenCapture(model, points, layers_path, stop_early=False)
+    with capture.capture() as states:
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        missing = [p for p in capture.points if p not in states]
+        if missing:
+            raise RuntimeError(f"Hooks on {missing} did not fire; check `layers_path`.")
+        return dict(states)
+
+
+def gathered_head(head):
+    """An output head whose FSDP2-sharded weight (a DTensor outside the forward) is gathered whole, for the token
+    loss, which multiplies by the head's weight directly. Other heads are returned as they are."""
+    weight, bias = head_params(head)
+    if not hasattr(weight, "full_tensor"):
+        return head
+    return SimpleNamespace(weight=weight.full_tensor(), bias=None if bias is None else bias.full_tensor())
+
+
+def freeze_unreached(
+    model: nn.Module, points: Sequence[Point], layers_path: str | None = None, needs_head: bool = False
+) -> list[str]:
+    """Freeze the parameters the loss cannot reach; returns their names.
+
+    Reached: everything up to the deepest capture point. Unreached: decoder layers after it, the final norm unless
+    `"norm"` is a capture point, and the output head unless a token-space term uses it; a weight tied to a reached
+    module (tied embeddings) stays trainable.
+    """
+    layers = find_layers(model, layers_path)
+    resolved = [p if p == NORM else int(p) % len(layers) for p in points]
+    deepest = len(layers) - 1 if NORM in resolved else max((p for p in resolved if p != NORM), default=-1)
+    unreached: list[nn.Module] = list(layers[deepest + 1 :])
+    if NORM not in resolved:
+        try:
+            unreached.append(find_final_norm(model))
+        except ValueError:
+            pass
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not needs_head:
+        unreached.append(head)
+    inside = {id(m) for module in unreached for m in module.modules()}
+    reached = {id(p) for m in model.modules() if id(m) not in inside for p in m.parameters(recurse=False)}
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) not in reached and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def local_grads(named_params: Iterable[tuple[str, nn.Parameter]]) -> Iterator[tuple[str, SimpleNamespace]]:
+    """(name, object with `.grad`) pairs whose gradients are this rank's shard (FSDP2 DTensors) or the tensor itself,
+    for checks that must not start a collective."""
+    for name, param in named_params:
+        grad = param.grad
+        if grad is not None and hasattr(grad, "to_local"):
+            grad = grad.to_local()
+        yield name, SimpleNamespace(grad=grad)

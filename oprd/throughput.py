@@ -1,0 +1,74 @@
+"""Throughput and memory per training step (issue 7), logged as `train/` metrics.
+
+* `train/rollout_tokens_per_s`: response tokens sampled per second of rollout.
+* `train/update_tokens_per_s`: sequence tokens (prompt + response) per second of everything after the rollout:
+  teacher pass, student pass, losses, backward, and the optimizer step when this micro-batch ends one.
+* `train/tokens_per_s`: sequence tokens per second of the whole micro-batch (rollout + update).
+* `train/peak_memory_gb` (CUDA): `torch.cuda.max_memory_allocated` during this micro-batch (reset at its start).
+* `train/peak_rss_gb` (CPU): the process's peak resident set size so far (`getrusage`; the OS cannot reset it, so
+  it is a running maximum, not a per-step figure).
+
+Each rank measures its own; the logger records rank 0's.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """`{"train/peak_memory_gb": ...}` on CUDA, `{"train/peak_rss_gb": ...}` elsewhere."""
+    if device.type == "cuda":
+        return {"train/peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"train/peak_rss_gb": peak / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
+class StepMeter:
+    """Times one micro-batch in two phases: rollout, then update (see the module docstring for the metrics)."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.started = self.rollout_end = None
+        self.rollout_tokens = 0
+
+    def start(self, device: torch.device) -> None:
+        self.device = device
+        reset_peak_memory(device)
+        self.started, self.rollout_end, self.rollout_tokens = time.perf_counter(), None, 0
+
+    def rollout_done(self, response_tokens: int) -> None:
+        self._sync()
+        self.rollout_end, self.rollout_tokens = time.perf_counter(), response_tokens
+
+    def finish(self, sequence_tokens: int) -> dict[str, float]:
+        """The micro-batch's metrics; empty when no rollout was timed (e.g. `start` was not called)."""
+        if self.started is None or self.rollout_end is None:
+            return {}
+        self._sync()
+        end = time.perf_counter()
+        rollout_s, update_s = self.rollout_end - self.started, end - self.rollout_end
+        metrics = {
+            "train/rollout_tokens_per_s": self.rollout_tokens / max(rollout_s, 1e-9),
+            "train/update_tokens_per_s": sequence_tokens / max(update_s, 1e-9),
+            "train/tokens_per_s": sequence_tokens / max(rollout_s + update_s, 1e-9),
+            "train/rollout_s": rollout_s,
+            "train/update_s": update_s,
+            **peak_memory(self.device),
+        }
+        self.started = self.rollout_end = None
+        return metrics
+
+    def _sync(self) -> None:
+        # CUDA kernels run asynchronously: without a sync the clock stops before the work does.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
