@@ -54,7 +54,7 @@ from oprd.sharding import (
     shard_model,
 )
 from oprd.throughput import StepMeter
-from oprd.token_losses import TokenLossConfig
+from oprd.token_losses import TokenLossConfig, with_model_logit_transforms
 
 # Held-out reverse KL is always exact over the full vocabulary, whatever the training objective (issue: evaluation).
 EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
@@ -159,6 +159,7 @@ class DistillModule(L.LightningModule):
         t_cfg, s_cfg = load_config(teacher, len(self.tokenizer)), load_config(student, len(self.tokenizer))
         check_vocab(self.tokenizer, t_cfg, "teacher")
         check_vocab(self.tokenizer, s_cfg, "student")
+        self.token_cfg = with_model_logit_transforms(token_loss, s_cfg)
         kept = pruned_from(student, len(self.tokenizer))
         pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, kept)
         self.pairs = pairs if hidden_weight > 0 else []

@@ -16,6 +16,7 @@ over kept tokens; the caller divides by the response-token count of the whole op
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -307,3 +308,18 @@ def token_loss_sum(
     values = token_loss_per_token(student_logits, teacher_logits, targets, config)
     # Zero dropped positions before the product: 0 * inf is NaN, and padding positions may hold anything.
     return masked_sum(values.masked_fill(~keep, 0.0), keep)
+
+
+def with_model_logit_transforms(config: TokenLossConfig | None, model_config) -> TokenLossConfig | None:
+    """Fill in the model family's own logit soft-cap (Gemma 2: `final_logit_softcapping`) and scale (Cohere:
+    `logit_scale`) when the loss config leaves them unset, so the chunked path optimises what the model's forward
+    computes. Returns a new config; the caller's is never mutated."""
+    if config is None:
+        return None
+    cap, scale = getattr(model_config, "final_logit_softcapping", None), getattr(model_config, "logit_scale", None)
+    updates = {}
+    if config.logit_softcap is None and cap:
+        updates["logit_softcap"] = float(cap)
+    if config.logit_scale is None and scale:
+        updates["logit_scale"] = float(scale)
+    return dataclasses.replace(config, **updates) if updates else config

@@ -258,3 +258,17 @@ def test_slice_vocab():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TokenLossConfig(**kwargs)
+
+
+def test_model_logit_transforms_fill_unset_fields_only():
+    from types import SimpleNamespace
+
+    from oprd.token_losses import with_model_logit_transforms
+
+    gemma = SimpleNamespace(final_logit_softcapping=30.0, logit_scale=None)
+    mine = TokenLossConfig()
+    filled = with_model_logit_transforms(mine, gemma)
+    assert filled.logit_softcap == 30.0 and mine.logit_softcap is None
+    assert with_model_logit_transforms(TokenLossConfig(logit_softcap=5.0), gemma).logit_softcap == 5.0
+    assert with_model_logit_transforms(None, gemma) is None
+    assert with_model_logit_transforms(mine, SimpleNamespace()) is mine
