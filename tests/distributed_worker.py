@@ -24,17 +24,7 @@ from oprd.module import DistillModule, OptimConfig
 from oprd.rollout import RolloutConfig
 from oprd.sharding import is_sharded
 from oprd.token_losses import TokenLossConfig
-
-TEACHER = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-STUDENT = {**TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+from tests.test_module import STUDENT, TEACHER
 
 
 def specs(**kwargs) -> dict:
