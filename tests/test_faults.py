@@ -48,7 +48,18 @@ def start():
     def run(command: list[str], root: Path) -> subprocess.Popen:
         root.mkdir(parents=True, exist_ok=True)
         with (root / "output.log").open("w") as log:
-            started.append(subprocess.Popen(command, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT))
+            # A shell's background jobs (and some CI runners) start with SIGINT ignored, which children inherit;
+            # give the run the default disposition a user's terminal gives it, so Ctrl-C reaches it.
+            started.append(
+                subprocess.Popen(
+                    command,
+                    cwd=root,
+                    env=ENV,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                )
+            )
         return started[-1]
 
     yield run
