@@ -1,0 +1,123 @@
+"""The distillation methods and teacher/student pairs the step and quality benchmarks compare.
+
+A *method* is a set of `DistillModule` arguments (OPRD, OPD with its estimators, the mix); a *pair* names a teacher
+and a student. Both built-in SmolLM2 pairs are here, plus tiny random stand-ins that make `--models tiny` runs
+finish in seconds (the same code path as the real models, which take minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from oprd.models import ModelSpec
+from oprd.module import DistillModule, OptimConfig
+from oprd.rollout import RolloutConfig
+from oprd.token_losses import TokenLossConfig
+
+EXACT = {"objective": "reverse_kl", "estimator": "exact"}
+TOP16 = {"objective": "reverse_kl", "estimator": "topk_sg", "top_k": 16}
+METHODS: dict[str, dict[str, Any]] = {
+    # OPRD: hidden states only; the teacher stops after its deepest mapped layer (no final norm, no LM head).
+    "oprd": {"hidden_weight": 1.0, "token_loss": None},
+    # OPD, exact reverse KL over the full vocabulary, LM head in chunks of 1024 tokens (oprd's default).
+    "opd": {"hidden_weight": 0.0, "token_loss": EXACT},
+    # The same loss with full [b, t, v] logits (chunk_size 0: the reference path).
+    "opd_dense": {"hidden_weight": 0.0, "token_loss": {**EXACT, "chunk_size": 0}},
+    # OPD top-16, stop-gradient estimator (the OPRD paper's logit baseline), chunked.
+    "opd_top16": {"hidden_weight": 0.0, "token_loss": TOP16},
+    "opd_top16_dense": {"hidden_weight": 0.0, "token_loss": {**TOP16, "chunk_size": 0}},
+    # OPRD Eq. 7: reverse KL + hidden MSE, the hidden term rescaled to the KL's magnitude (configs/mix.yaml).
+    "mix": {"hidden_weight": 1.0, "token_weight": 1.0, "balance": True, "token_loss": EXACT},
+}
+
+# configs/tiny.yaml's teacher; the "arith" student is its narrower, shallower student.
+TINY_TEACHER = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+TINY_STUDENT = {**TINY_TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher and the student that learns from it."""
+
+    name: str
+    """`arith` (task-specialised teacher -> plain student) or `pruned` (teacher -> its every-other-layer copy)."""
+    teacher: ModelSpec
+    """The frozen teacher."""
+    student: ModelSpec
+    """The student (`keep_every=2` for the pruned copy, which `DistillModule` builds from the teacher's weights)."""
+    tokenizer: str | None = None
+    """Tokenizer alias (`tiny` for random models); None: the models' own."""
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra `DistillModule` arguments of the pair (the layer map of a pruned student)."""
+
+
+def make_pair(name: str, models: str = "smollm2", dtype: str = "float32") -> Pair:
+    """The `arith` or `pruned` pair on the built-in SmolLM2 models (`smollm2`) or on tiny random ones (`tiny`)."""
+    if name not in ("arith", "pruned"):
+        raise ValueError(f"Unknown pair {name!r}; choose arith or pruned.")
+    if models == "tiny":
+        teacher = ModelSpec(config=TINY_TEACHER, seed=1)
+        student = ModelSpec(config=TINY_STUDENT, seed=2)
+        tokenizer, extra = "tiny", {"max_prompt_length": 64}
+    elif models == "smollm2":
+        base = ModelSpec(path="smollm2-135m-instruct", dtype=dtype)
+        teacher = ModelSpec(path="smollm2-135m-instruct-arith", dtype=dtype) if name == "arith" else base
+        student, tokenizer, extra = base, None, {}
+    else:
+        raise ValueError(f"Unknown models {models!r}; choose smollm2 or tiny.")
+    if name == "pruned":
+        # The teacher's every other layer; student layer i stands in for teacher layers 2i and 2i + 1 and learns the
+        # output of the block's last one (`layer_map: pruned`, see oprd.prune.pruned_layer_map).
+        student = replace(teacher, keep_every=2)
+        extra["layer_map"] = "pruned"
+    return Pair(name, teacher, student, tokenizer=tokenizer, module_kwargs=extra)
+
+
+def build_module(
+    pair: Pair,
+    method: str,
+    rollout: RolloutConfig,
+    optim: OptimConfig = OptimConfig(),
+    seed: int = 0,
+    **overrides: Any,
+) -> DistillModule:
+    """A `DistillModule` for `method` on `pair`."""
+    spec = dict(METHODS[method])
+    if spec.get("token_loss") is not None:
+        spec["token_loss"] = TokenLossConfig(**spec["token_loss"])
+    return DistillModule(
+        teacher=pair.teacher,
+        student=pair.student,
+        tokenizer=pair.tokenizer,
+        rollout=rollout,
+        optim=optim,
+        seed=seed,
+        **{**pair.module_kwargs, **spec, **overrides},
+    )
+
+
+def share_models(module: DistillModule, reference: DistillModule) -> DistillModule:
+    """Make `module` use `reference`'s teacher and student (same weights, one copy in memory).
+
+    Each module froze what its own loss cannot reach (`module.frozen`); call `activate` before using the shared
+    student through `module`.
+    """
+    module.student = reference.student
+    object.__setattr__(module, "teacher", reference.teacher)
+    return module
+
+
+def activate(module: DistillModule) -> None:
+    """Give the (possibly shared) student the trainable set of `module`'s own loss: all but `module.frozen`."""
+    frozen = set(module.frozen)
+    for name, param in module.student.named_parameters():
+        param.requires_grad_(name not in frozen)

@@ -1,0 +1,103 @@
+"""The benchmark scripts run end to end in their --quick modes and write a summary JSON and a plot.
+
+Each script runs once per test session (a module-scoped fixture); the tests then read its results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+# One torch thread: on a busy 2-core CI machine two threads spin waiting for each other (20x slower on tiny models).
+ARGS = {
+    "loss_memory": ["--quick", "--threads", "1"],
+    # Tiny random models: the real SmolLM2 --quick run takes about a minute on a shared 2-core CPU.
+    "step": ["--quick", "--models", "tiny", "--threads", "1"],
+    "compare": ["--quick", "--threads", "1"],
+}
+SUMMARY_KEYS = {
+    "loss_memory": {
+        "reference",
+        "oprd_hidden_mse_over_opd_rkl_dense_memory",
+        "oprd_hidden_mse_over_opd_top16_dense_time",
+        "opd_rkl_chunked_over_opd_rkl_dense_memory",
+        "jsd_chunked_over_jsd_dense_time",
+        "chunked_vs_dense_max_rel_diff",
+    },
+    "step": {
+        "oprd_over_opd_top16_dense_memory",
+        "oprd_speedup_vs_opd_top16_dense_update",
+        "oprd_speedup_vs_opd_top16_dense_step",
+        "oprd_over_full_teacher_memory",
+        "oprd_mfu",
+        "paper_memory_ratio_vs_opd_top16",
+        "paper_speedup_vs_opd_top16",
+    },
+    "compare": {"arith", "pruned", "wall_clock_s"},
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run a script's --quick mode once; return its parsed JSON and the output folder."""
+    cache = {}
+
+    def get(name: str) -> tuple[dict, object]:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+            done = subprocess.run(
+                [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *ARGS[name], "--out", str(out)],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            cache[name] = json.loads((out / f"{name}.json").read_text()), out
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_quick_mode_writes_summary_rows_and_plot(name, results):
+    data, out = results(name)
+    assert SUMMARY_KEYS[name] <= set(data["summary"]), sorted(data["summary"])
+    assert data["rows"]
+    assert (out / f"{name}.png").stat().st_size > 0
+
+
+def test_loss_memory_chunked_matches_dense_and_needs_less_memory(results):
+    summary = results("loss_memory")[0]["summary"]
+    assert summary["chunked_vs_dense_max_rel_diff"] < 1e-4
+    # The quick grid's largest case cuts 256 tokens into 4 chunks of 64: less memory than the full [256, v] logits.
+    assert summary["reference"]["tokens"] == 256
+    assert summary["opd_rkl_chunked_over_opd_rkl_dense_memory"] < 1
+    assert summary["jsd_chunked_over_jsd_dense_memory"] < 1
+
+
+def test_step_measures_every_quick_variant(results):
+    rows = results("step")[0]["rows"]
+    assert {r["variant"] for r in rows} == {"oprd", "oprd_full_teacher", "opd", "opd_top16_dense"}
+    assert all(r["peak_mib"] > 0 and r["update_s"] > 0 and r["mfu"] > 0 for r in rows)
+    by = {r["variant"]: r for r in rows}
+    # Running the teacher to its LM head and keeping the logits can only cost memory.
+    assert by["oprd_full_teacher"]["peak_mib"] >= by["oprd"]["peak_mib"]
+
+
+def test_compare_evaluates_every_method_from_the_same_start(results):
+    data = results("compare")[0]
+    for pair in ("arith", "pruned"):
+        methods = data["summary"][pair]["methods"]
+        assert set(methods) == {"oprd", "opd", "opd_top16", "mix"}
+        starts = [r for r in data["rows"] if r["pair"] == pair and r["step"] == 0]
+        assert len({r["reverse_kl"] for r in starts}) == 1
+        assert all(r["final_reverse_kl"] >= 0 for r in methods.values())
