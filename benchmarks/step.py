@@ -57,6 +57,7 @@ from torch import Tensor
 
 from oprd.capture import HiddenCapture
 from oprd.data import arithmetic_examples
+from oprd.models import DTYPES
 from oprd.module import DistillModule
 from oprd.rollout import Rollout, RolloutConfig
 
@@ -208,15 +209,16 @@ def run(args) -> tuple[list[dict], dict]:
     roll, rollout_s = fixed_length_rollout(reference, args, device)
     # The matmul peak is sampled between rounds and the best kept: on a shared machine a single sample taken while
     # another job runs would understate the hardware and overstate MFU.
-    matmul = [matmul_flops_per_s(device)]
+    dtype = DTYPES[args.dtype]  # MFU against the matmul throughput of the models' own dtype
+    matmul = [matmul_flops_per_s(device, dtype=dtype)]
     update(reference, roll, args.variants[0], device)  # warm-up: one-time allocations, thread pools, kernels
     rows = {v: {"variant": v, **measure_memory(m, roll, v, device)} for v, m in modules.items()}
-    matmul.append(matmul_flops_per_s(device))
+    matmul.append(matmul_flops_per_s(device, dtype=dtype))
     times: dict[str, list[dict]] = {v: [] for v in modules}
     for _ in range(args.repeats):
         for variant, module in modules.items():
             times[variant].append(update(module, roll, variant, device))
-        matmul.append(matmul_flops_per_s(device))
+        matmul.append(matmul_flops_per_s(device, dtype=dtype))
     flops_per_s = max(matmul)
     for variant, row in rows.items():
         samples = times[variant] or [{"teacher_s": row["probed_teacher_s"], "student_s": row["probed_student_s"]}]
