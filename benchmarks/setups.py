@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from oprd.models import ModelSpec
+from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec
 from oprd.module import DistillModule, OptimConfig
 from oprd.rollout import RolloutConfig
 from oprd.token_losses import TokenLossConfig
@@ -30,18 +30,6 @@ METHODS: dict[str, dict[str, Any]] = {
     # OPRD Eq. 7: reverse KL + hidden MSE, the hidden term rescaled to the KL's magnitude (configs/mix.yaml).
     "mix": {"hidden_weight": 1.0, "token_weight": 1.0, "balance": True, "token_loss": EXACT},
 }
-
-# configs/tiny.yaml's teacher; the "arith" student is its narrower, shallower student.
-TINY_TEACHER = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-TINY_STUDENT = {**TINY_TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 
 
 @dataclass(frozen=True)

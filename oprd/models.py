@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_TOKENIZER = "tiny"
+# The random models of configs/tiny.yaml: a 4-layer/64-wide Llama teacher and a 2-layer/32-wide student, so the
+# projectors map between unequal widths. Tests and `benchmarks --quick` build them.
+TINY_TEACHER: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+TINY_STUDENT: dict[str, Any] = {**TINY_TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 
 
 @dataclass

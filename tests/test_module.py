@@ -3,20 +3,11 @@ import pytest
 import torch
 
 from oprd.data import PromptDataModule
-from oprd.models import ModelSpec
+from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec
 from oprd.module import DistillModule, OptimConfig
 from oprd.rollout import RolloutConfig
 
-TEACHER = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-STUDENT = {**TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+TEACHER, STUDENT = TINY_TEACHER, TINY_STUDENT
 
 
 def make_module(**kwargs) -> DistillModule:
