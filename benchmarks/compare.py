@@ -12,7 +12,7 @@ Pairs: `arith` (the arithmetic-specialised SmolLM2 teacher -> plain SmolLM2: hel
 `pruned` (SmolLM2 -> its 15-layer every-other-layer copy: held-out KL and repetition). `--models tiny` swaps in
 tiny random models (seconds; what `--quick` uses) to check the plumbing, not the quality.
 
-    .venv/bin/python benchmarks/compare.py [--quick] [--out DIR]
+    .venv/bin/python -m benchmarks.compare [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import (
+
+from benchmarks.common import (
     DEFAULT_OUT,
     add_threads_argument,
     apply_threads,
@@ -35,11 +36,11 @@ from common import (
     ratio,
     write_json,
 )
-from setups import build_module, make_pair, share_models
-
+from benchmarks.setups import build_module, make_pair, share_models
 from oprd.data import PromptDataModule, arithmetic_examples, collate
-from oprd.module import DistillModule, OptimConfig
+from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
+from oprd.training.optim import OptimConfig
 
 NAME = "compare"
 PAIRS = ["arith", "pruned"]
@@ -108,7 +109,7 @@ def train(pair_name: str, method: str, evaluator: DistillModule, initial: dict, 
     optim = OptimConfig(lr=lr, warmup_steps=args.warmup_steps, schedule=args.schedule)
     L.seed_everything(args.seed, verbose=False)
     module = build_module(pair, method, rollout, optim, seed=args.seed, val_max_new_tokens=args.eval_tokens)
-    object.__setattr__(module, "teacher", evaluator.teacher)  # one teacher in memory for every run
+    module.frozen_teacher = evaluator.frozen_teacher  # one teacher in memory for every run
     callback = EvalEvery(evaluator, val_items(args), args.eval_every, args.eval_batch, initial)
     trainer = L.Trainer(
         accelerator=pick_device(args.device).type,

@@ -12,7 +12,7 @@ stop-gradient estimator (dense and chunked) and JSD(0.5) (dense vs chunked). Eac
 its forward + backward over what existed before (see `common`), the bytes saved for backward, and the median time.
 Rows whose estimated memory or time exceeds the limits are skipped with a note instead of crashing the machine.
 
-    .venv/bin/python benchmarks/loss_memory.py [--quick] [--out DIR]
+    .venv/bin/python -m benchmarks.loss_memory [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from common import (
+from torch import Tensor, nn
+
+from benchmarks.common import (
     DEFAULT_OUT,
     GIB,
     MIB,
@@ -43,12 +45,10 @@ from common import (
     timed,
     write_json,
 )
-from torch import Tensor, nn
-
-from oprd.align import Projectors, pair_label
-from oprd.lm_head import chunked_token_loss_sum, dense_token_loss_sum
-from oprd.losses import HiddenLossConfig, hidden_loss_sums
-from oprd.token_losses import TokenLossConfig
+from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums
+from oprd.losses.lm_head import chunked_token_loss_sum, dense_token_loss_sum
+from oprd.losses.token import TokenLossConfig
+from oprd.objective.projectors import Projectors, pair_label
 
 NAME = "loss_memory"
 GRIDS = {

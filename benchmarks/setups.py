@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from oprd.losses.token import TokenLossConfig
 from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec
-from oprd.module import DistillModule, OptimConfig
+from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
-from oprd.token_losses import TokenLossConfig
+from oprd.training.optim import OptimConfig
 
 EXACT = {"objective": "reverse_kl", "estimator": "exact"}
 TOP16 = {"objective": "reverse_kl", "estimator": "topk_sg", "top_k": 16}
@@ -64,7 +65,7 @@ def make_pair(name: str, models: str = "smollm2", dtype: str = "float32") -> Pai
         raise ValueError(f"Unknown models {models!r}; choose smollm2 or tiny.")
     if name == "pruned":
         # The teacher's every other layer; student layer i stands in for teacher layers 2i and 2i + 1 and learns the
-        # output of the block's last one (`layer_map: pruned`, see oprd.prune.pruned_layer_map).
+        # output of the block's last one (`layer_map: pruned`, see oprd.models.prune.pruned_layer_map).
         student = replace(teacher, keep_every=2)
         extra["layer_map"] = "pruned"
     return Pair(name, teacher, student, tokenizer=tokenizer, module_kwargs=extra)
@@ -100,7 +101,7 @@ def share_models(module: DistillModule, reference: DistillModule) -> DistillModu
     student through `module`.
     """
     module.student = reference.student
-    object.__setattr__(module, "teacher", reference.teacher)
+    module.frozen_teacher = reference.frozen_teacher
     return module
 
 

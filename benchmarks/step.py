@@ -22,9 +22,9 @@ plus the bytes the student pass saves for backward. Methods:
 Model FLOPs utilisation: (2 * params * tokens for the teacher forward + 6 * params * tokens for the student) per
 second of update, over a dense fp32 matmul throughput measured in the same run.
 
-    .venv/bin/python benchmarks/step.py [--quick] [--out DIR]
-    .venv/bin/python benchmarks/step.py --batch 8 --response-tokens 1024 --dtype bfloat16   # the issue's headline
-    .venv/bin/python benchmarks/step.py --batch 8 --response-tokens 32 --no-checkpointing
+    .venv/bin/python -m benchmarks.step [--quick] [--out DIR]
+    .venv/bin/python -m benchmarks.step --batch 8 --response-tokens 1024 --dtype bfloat16   # the issue's headline
+    .venv/bin/python -m benchmarks.step --batch 8 --response-tokens 32 --no-checkpointing
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ import contextlib
 from pathlib import Path
 
 import torch
-from common import (
+from torch import Tensor
+
+from benchmarks.common import (
     DEFAULT_OUT,
     MIB,
     SavedBytes,
@@ -51,13 +53,11 @@ from common import (
     ratio,
     timed,
 )
-from common import write_json as write_results
-from setups import activate, build_module, make_pair, share_models
-from torch import Tensor
-
-from oprd.capture import HiddenCapture
+from benchmarks.common import write_json as write_results
+from benchmarks.setups import activate, build_module, make_pair, share_models
 from oprd.data import arithmetic_examples
 from oprd.models import DTYPES
+from oprd.models.capture import HiddenCapture, forward_inputs
 from oprd.module import DistillModule
 from oprd.rollout import Rollout, RolloutConfig
 
@@ -75,14 +75,10 @@ PAPER = {"memory_ratio": 0.46, "speedup": 1.44}
 @torch.no_grad()
 def teacher_states_full(module: DistillModule, roll: Rollout) -> tuple[dict, Tensor]:
     """Teacher hidden states at the mapped layers from a full forward that also computes the `[b, t, v]` logits."""
-    points = [t for _, t in module.pairs]
-    capture = HiddenCapture(module.teacher, points, module.layers_paths["teacher"], stop_early=False)
+    capture = HiddenCapture(module.teacher, module.objective.points("teacher"), stop_early=False)
     with capture.capture() as states:
-        position_ids = (roll.attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-        out = module.teacher(
-            input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=position_ids, use_cache=False
-        )
-        return dict(states), out.logits
+        out = module.teacher(**forward_inputs(roll.input_ids, roll.attention_mask))
+        return capture.collected(states), out.logits
 
 
 # ---- one update -------------------------------------------------------------------------------------------------
@@ -92,17 +88,22 @@ def run_teacher(module: DistillModule, roll: Rollout, variant: str) -> tuple[dic
     """The variant's teacher pass: its states, and the full logits when it runs to the LM head (else None)."""
     if variant == FULL_TEACHER:
         return teacher_states_full(module, roll)
-    return module.teacher_states(roll, module.token_cfg is not None), None
+    return module.teacher_states(roll), None
 
 
 def student_pass(module: DistillModule, roll: Rollout, teacher_states: dict, saved: SavedBytes | None) -> dict:
-    """Student forward, loss terms and backward (the forward under the saved-bytes probe when given)."""
+    """The rest of the training step's update (`DistillModule.distill` on the given teacher states) and backward,
+    the forward under the saved-bytes probe when given."""
     with saved.track() if saved is not None else contextlib.nullcontext():
-        states = module.student_states(roll, module.token_cfg is not None)
-        terms = module.loss_terms(states, teacher_states, roll, module.token_cfg)
+        terms = module.distill(roll, teacher=teacher_states)
     tokens = roll.response_mask.sum().clamp_min(1)
-    (terms["loss"] / tokens).backward()  # what the optimizer sees after global normalisation
-    return {k: float(v.detach()) / float(tokens) for k, v in terms.items() if k in ("loss", "hidden", "token")}
+    (terms.loss / tokens).backward()  # what the optimizer sees after global normalisation
+    metrics = terms.metrics(tokens)
+    return {
+        k: float(metrics[name])
+        for k, name in (("loss", "loss"), ("hidden", "hidden"), ("token", "token_kl"))
+        if name in metrics
+    }
 
 
 def update(module: DistillModule, roll: Rollout, variant: str, device, saved: SavedBytes | None = None) -> dict:
@@ -119,7 +120,7 @@ def update(module: DistillModule, roll: Rollout, variant: str, device, saved: Sa
 
 def measure_memory(module: DistillModule, roll: Rollout, variant: str, device) -> dict:
     """One update under the memory probes: its peak increase and the student's saved-for-backward bytes."""
-    saved = SavedBytes([*module.student.parameters(), *module.projectors.parameters(), *module.teacher.parameters()])
+    saved = SavedBytes([*module.student.parameters(), *module.objective.parameters(), *module.teacher.parameters()])
     result, peak = peak_bytes(lambda: update(module, roll, variant, device, saved), device)
     terms = {k: result[k] for k in ("loss", "hidden", "token") if k in result}
     return {
@@ -136,7 +137,7 @@ def measure_memory(module: DistillModule, roll: Rollout, variant: str, device) -
 
 def layer_params(model) -> list[int]:
     """Parameters of each decoder layer."""
-    from oprd.capture import find_layers
+    from oprd.models.layers import find_layers
 
     return [sum(p.numel() for p in layer.parameters()) for layer in find_layers(model)]
 
@@ -149,12 +150,12 @@ def model_flops(module: DistillModule, roll: Rollout, variant: str) -> float:
     tokens = float(roll.attention_mask.numel())
     response = float(roll.response_mask.sum())
     head = module.student.get_output_embeddings().weight.numel()
-    token_cfg = module.token_cfg
+    token_cfg = module.objective.token_loss
     teacher_layers = layer_params(module.teacher)
-    deepest = max((t for _, t in module.pairs), default=len(teacher_layers) - 1)
+    deepest = max((t for _, t in module.objective.pairs if t != "norm"), default=len(teacher_layers) - 1)
     run = len(teacher_layers) if token_cfg is not None or variant == FULL_TEACHER else deepest + 1
     flops = 2 * tokens * sum(teacher_layers[:run]) + 6 * tokens * sum(layer_params(module.student))
-    flops += 6 * tokens * sum(p.numel() for p in module.projectors.parameters())
+    flops += 6 * tokens * sum(p.numel() for p in module.objective.parameters())
     if variant == FULL_TEACHER:
         flops += 2 * tokens * head
     if token_cfg is not None:
@@ -188,7 +189,7 @@ def build_variants(args, device) -> dict[str, DistillModule]:
         if modules:
             share_models(module, next(iter(modules.values())))
         modules[variant] = module.to(device)
-        module._place_teacher()
+        module.frozen_teacher.rest(device)
     reference = next(iter(modules.values()))
     reference.student.train()
     if args.checkpointing:

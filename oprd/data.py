@@ -130,9 +130,10 @@ def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None,
         ]
     else:
         texts = list(prompts)
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
+    # Left padding per call: the tokenizer is shared (and saved by `oprd export`), so its own setting stays as it is.
+    encoded = tokenizer(
+        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not tokenizer.chat_template
+    )
     if max_length is not None and encoded["input_ids"].shape[1] > max_length:
         longest = int(encoded["attention_mask"].sum(dim=1).max())
         if longest > max_length and not truncate:
@@ -147,7 +148,7 @@ def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None,
 
 
 def check_sources(train: str | None, val: str | None = None, seed: int = 0, num_val: int = 100) -> None:
-    """Read each prompt source once to fail fast: the CLI calls this before any model is loaded (issue 6).
+    """Read each prompt source once to fail fast: the CLI calls this before any model is loaded.
 
     Raises:
         ValueError: an empty, unreadable or malformed source, with the file and line number.

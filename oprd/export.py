@@ -19,8 +19,10 @@ from typing import Any
 import torch
 import yaml
 
-from oprd.checkpoint import check_state_shapes
-from oprd.models import TINY_TOKENIZER, ModelSpec, load_config, load_model, load_tokenizer
+from oprd.hparams import from_plain
+from oprd.models.spec import ModelSpec, load_config, load_model
+from oprd.models.tokenizers import pair_tokenizer
+from oprd.training.checkpoint import check_state_shapes
 
 STUDENT_PREFIX = "student."
 
@@ -57,8 +59,7 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     path = Path(ckpt_path)
     if not path.is_file():
         raise ValueError(f"Checkpoint {path} does not exist; `oprd fit` writes them to <default_root_dir>/checkpoints.")
-    # Our own checkpoints hold config dataclasses in their hyper-parameters: they need the full unpickler.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint of `oprd fit` (no state_dict and hyper_parameters).")
     return checkpoint
@@ -70,9 +71,8 @@ def build_student(hparams: Mapping[str, Any]):
     Returns:
         `(student, tokenizer)`; the student holds its initial weights.
     """
-    teacher, student = _spec(hparams["teacher"]), _spec(hparams["student"])
-    # The same choice as DistillModule: an explicit tokenizer, else the student's, else the teacher's.
-    tokenizer = load_tokenizer(hparams.get("tokenizer") or student.path or teacher.path or TINY_TOKENIZER)
+    teacher, student = from_plain(ModelSpec, hparams["teacher"]), from_plain(ModelSpec, hparams["student"])
+    tokenizer = pair_tokenizer(hparams.get("tokenizer"), teacher, student, check=False)
     return load_model(student, load_config(student, len(tokenizer))), tokenizer
 
 
@@ -117,11 +117,6 @@ def _refuse_non_empty(folder: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{folder} is a file; choose a folder for the exported model.")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} is not empty; choose another folder or pass overwrite=True (--overwrite).")
-
-
-def _spec(value) -> ModelSpec:
-    # Hyper-parameters of CLI runs are a YAML round-trip: plain dicts (DESIGN.md).
-    return ModelSpec(**value) if isinstance(value, Mapping) else value
 
 
 # ---- the `oprd export` subcommand ---------------------------------------------------------------------------------

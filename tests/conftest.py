@@ -5,16 +5,49 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from oprd.models import tiny_tokenizer
+from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec, tiny_tokenizer
+from oprd.module import DistillModule
+from oprd.rollout import RolloutConfig
+from oprd.training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+TEACHER, STUDENT = TINY_TEACHER, TINY_STUDENT
+
+
+def make_module(**kwargs) -> DistillModule:
+    """A DistillModule on the tiny random teacher and student (`configs/tiny.yaml`'s models)."""
+    defaults = dict(
+        teacher=ModelSpec(config=TEACHER, seed=1),
+        student=ModelSpec(config=STUDENT, seed=2),
+        tokenizer="tiny",
+        rollout=RolloutConfig(max_new_tokens=8),
+        optim=OptimConfig(lr=1e-3),
+        max_prompt_length=64,
+    )
+    return DistillModule(**{**defaults, **kwargs})
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A quiet CPU Trainer: no logger, checkpoints, progress bar or validation unless asked."""
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
 
 
 def tiny_llama(layers: int = 3, width: int = 32, vocab: int = 384, seed: int = 0) -> LlamaForCausalLM:

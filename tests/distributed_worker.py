@@ -19,12 +19,13 @@ import lightning as L
 import torch
 
 from oprd.data import PromptDataModule
+from oprd.losses.token import TokenLossConfig
 from oprd.models import ModelSpec
-from oprd.module import DistillModule, OptimConfig
+from oprd.module import DistillModule
+from oprd.parallel.sharding import FSDP2Strategy, is_sharded
 from oprd.rollout import RolloutConfig
-from oprd.sharding import is_sharded
-from oprd.token_losses import TokenLossConfig
-from tests.test_module import STUDENT, TEACHER
+from oprd.training.optim import OptimConfig
+from tests.conftest import STUDENT, TEACHER
 
 
 def specs(**kwargs) -> dict:
@@ -92,7 +93,7 @@ def train(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=strategy,
+        strategy=FSDP2Strategy() if strategy == "fsdp2" else strategy,
         max_steps=len(ReplayRollouts.steps),
         accumulate_grad_batches=accumulate,
         logger=False,

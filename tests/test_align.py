@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from oprd.align import Projectors, pair_label, resolve_layer_map, uniform_map
+from oprd.objective.layer_map import resolve_layer_map, uniform_map
+from oprd.objective.projectors import Projectors, pair_label
 
 
 def test_uniform_map_follows_the_paper_formula():

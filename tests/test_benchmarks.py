@@ -53,7 +53,7 @@ def results(tmp_path_factory):
             out = tmp_path_factory.mktemp(name)
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
             done = subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *ARGS[name], "--out", str(out)],
+                [sys.executable, "-m", f"benchmarks.{name}", *ARGS[name], "--out", str(out)],
                 cwd=ROOT,
                 env=env,
                 capture_output=True,
@@ -101,3 +101,4 @@ def test_compare_evaluates_every_method_from_the_same_start(results):
         starts = [r for r in data["rows"] if r["pair"] == pair and r["step"] == 0]
         assert len({r["reverse_kl"] for r in starts}) == 1
         assert all(r["final_reverse_kl"] >= 0 for r in methods.values())
+

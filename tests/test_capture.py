@@ -1,8 +1,26 @@
 import pytest
 import torch
 
-from oprd.capture import NORM, HiddenCapture, count_layer_calls, decoder, find_final_norm, find_layers, resolve_point
+from oprd.models.capture import NORM, HiddenCapture, resolve_point
+from oprd.models.layers import decoder, find_final_norm, find_layers
 from tests.conftest import tiny_llama, tiny_qwen3
+
+
+@torch.no_grad()
+def count_layer_calls(model, fn) -> list[int]:
+    """How many times each decoder layer ran during `fn()`."""
+    layers = find_layers(model)
+    counts = [0] * len(layers)
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def _inputs(vocab=384, b=2, t=9):
@@ -86,7 +104,7 @@ def test_captured_tensors_are_released_every_step():
 
 def test_gradient_checkpointing_reruns_are_harmless():
     model = tiny_llama(layers=3).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids, mask = _inputs()
     states = HiddenCapture(model, [1]).run(ids, mask)
     states[1].pow(2).mean().backward()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from oprd.evaluation.scoring import score
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from tests.conftest import ROOT
@@ -131,7 +132,7 @@ def test_fsdp2_shards_and_matches_single_process_and_its_checkpoint_loads(rollou
     assert not any("teacher" in k for k in restored.state_dict())
     for name, weight in result["weights"].items():
         assert torch.equal(restored.state_dict()[name], weight), name
-    metrics, _ = restored.score(["What is 1 plus 2?", "What is 3 plus 4?"], [None, None])
+    metrics, _ = score(restored, ["What is 1 plus 2?", "What is 3 plus 4?"], [None, None])
     assert torch.isfinite(metrics["reverse_kl"]) and torch.isfinite(metrics["hidden"])
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from oprd.checkpoint import check_state_shapes
 from oprd.cli import main
 from oprd.data import PromptDataModule
 from oprd.models import ModelSpec, load_tokenizer, tiny_tokenizer
 from oprd.module import DistillModule
-from tests.conftest import ROOT
-from tests.test_module import STUDENT, TEACHER, make_module
+from oprd.training.checkpoint import check_state_shapes
+from tests.conftest import ROOT, STUDENT, TEACHER, make_module
 
 OPRD = Path(sys.executable).parent / "oprd"
 MAX_STEPS = 8
@@ -107,7 +106,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, start):
     step = checkpoint["global_step"]
     assert saved <= step < MAX_STEPS, "the run must be killed mid-way to test a resume"
     assert {"optimizer_states", "lr_schedulers", "rng_states"} <= set(checkpoint)
-    assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"student", "projectors"}
+    assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"student", "objective"}
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": step}]
 
     resume = fit_command(tmp_path / "run", *every_step, "--trainer.logger.init_args.version", "resumed")
@@ -160,7 +159,7 @@ def test_the_train_loader_continues_an_epoch_where_the_checkpoint_left_it():
 
 CRASH_MID_WRITE = """
 import os, signal, sys, torch
-from oprd.checkpoint import AtomicCheckpointIO
+from oprd.training.checkpoint import AtomicCheckpointIO
 
 class DiesWhilePickled:
     def __reduce__(self):
@@ -228,7 +227,7 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path, caplog):
 def test_a_checkpoint_of_another_student_width_is_refused_with_the_shapes(tmp_path):
     trained = make_module()
     narrow = make_module(student=ModelSpec(config={**STUDENT, "hidden_size": 16}, seed=2))
-    shapes = r"projectors\.proj\.1_3\.weight is \[64, 32\] in the checkpoint but \[64, 16\] in this model"
+    shapes = r"objective\.projectors\.proj\.1_3\.weight is \[64, 32\] in the checkpoint but \[64, 16\] in this model"
     with pytest.raises(ValueError, match=shapes):
         check_state_shapes(narrow, trained.state_dict())
     # Through Lightning: the same mismatch, named with both shapes (ValueError once DistillModule checks it itself).
@@ -237,7 +236,8 @@ def test_a_checkpoint_of_another_student_width_is_refused_with_the_shapes(tmp_pa
     hparams = {k: asdict(v) if is_dataclass(v) else v for k, v in trained.hparams.items()}
     checkpoint = {"state_dict": trained.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.6"}
     torch.save(checkpoint, path)
-    with pytest.raises((ValueError, RuntimeError), match=r"projectors\.proj\.1_3\.weight.*\[64, 32\].*\[64, 16\]"):
+    shapes = r"objective\.projectors\.proj\.1_3\.weight.*\[64, 32\].*\[64, 16\]"
+    with pytest.raises((ValueError, RuntimeError), match=shapes):
         DistillModule.load_from_checkpoint(path, student=ModelSpec(config={**STUDENT, "hidden_size": 16}, seed=2))
 
 

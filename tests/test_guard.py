@@ -2,16 +2,16 @@ import pytest
 import torch
 
 from oprd.data import PromptDataModule
-from oprd.guard import describe_term, nonfinite_grads, nonfinite_term
-from tests.test_module import make_module, trainer
+from oprd.training.guard import describe_term, nonfinite_grads, nonfinite_term
+from tests.conftest import make_module, trainer
 
 
 def poison_teacher(module, at_call: int):
     """Make the teacher's states NaN on one training pass, as a numerically broken step would."""
     original, calls = module.teacher_states, {"n": 0}
 
-    def teacher_states(roll, need_norm=False):
-        states = original(roll, need_norm)
+    def teacher_states(roll, head=None):
+        states = original(roll, head)
         calls["n"] += 1
         if calls["n"] == at_call:
             states = {k: torch.full_like(v, float("nan")) for k, v in states.items()}
@@ -28,7 +28,8 @@ def test_nonfinite_loss_stops_with_the_step_and_term_and_saves_the_last_good_sta
     (saved,) = tmp_path.glob("nonfinite-step1-last-good.ckpt")
     state = torch.load(saved, weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
-    assert torch.equal(state["projectors.proj.1_3.weight"], module.projectors.proj["1_3"].weight)
+    weight = module.objective.projectors.proj["1_3"].weight
+    assert torch.equal(state["objective.projectors.proj.1_3.weight"], weight)
 
 
 def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import oprd.lm_head as lm_head
-from oprd.lm_head import chunked_token_loss_sum, dense_token_loss_sum, token_loss_sum_from_hidden
-from oprd.token_losses import ESTIMATORS, OBJECTIVES, TokenLossConfig, token_loss_sum
+import oprd.losses.lm_head as lm_head
+from oprd.losses.lm_head import chunked_token_loss_sum, dense_token_loss_sum, token_loss_sum_from_hidden
+from oprd.losses.token import ESTIMATORS, OBJECTIVES, TokenLossConfig, token_loss_sum
 
 B, T, D_S, D_T = 3, 6, 8, 10
 VOCAB, V_STUDENT, V_TEACHER = 17, 20, 23  # both heads padded past the shared tokenizer vocabulary

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from oprd.losses import (
+from oprd.losses.hidden import (
     HiddenLossConfig,
     hidden_cosine,
     hidden_loss_sums,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from oprd.metrics import accuracy, distinct_n, extract_answer, is_correct, repetition_rate
+from oprd.evaluation.metrics import accuracy, distinct_n, extract_answer, is_correct, repetition_rate
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from oprd.align import resolve_layer_map
 from oprd.models import (
     ModelSpec,
     check_same_tokenizer,
@@ -11,6 +10,7 @@ from oprd.models import (
     pruned_from,
     tiny_tokenizer,
 )
+from oprd.objective.layer_map import resolve_layer_map
 
 LLAMA = {
     "model_type": "llama",

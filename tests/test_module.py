@@ -1,39 +1,16 @@
-import lightning as L
+import json
+
 import pytest
 import torch
 
 from oprd.data import PromptDataModule
-from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec
-from oprd.module import DistillModule, OptimConfig
+from oprd.evaluation.metrics import extract_answer
+from oprd.evaluation.scoring import score
+from oprd.models import ModelSpec
+from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
-
-TEACHER, STUDENT = TINY_TEACHER, TINY_STUDENT
-
-
-def make_module(**kwargs) -> DistillModule:
-    defaults = dict(
-        teacher=ModelSpec(config=TEACHER, seed=1),
-        student=ModelSpec(config=STUDENT, seed=2),
-        tokenizer="tiny",
-        rollout=RolloutConfig(max_new_tokens=8),
-        optim=OptimConfig(lr=1e-3),
-        max_prompt_length=64,
-    )
-    return DistillModule(**{**defaults, **kwargs})
-
-
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+from oprd.training.optim import OptimConfig
+from tests.conftest import STUDENT, TEACHER, make_module, trainer
 
 
 def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_path):
@@ -42,7 +19,7 @@ def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_
     assert not any(p.requires_grad for p in module.teacher.parameters()) and not module.teacher.training
     assert all(id(p) not in teacher_params for p in module.parameters())
     assert "teacher" not in dict(module.named_children())
-    assert all(k.startswith(("student.", "projectors.")) for k in module.state_dict())
+    assert all(k.startswith(("student.", "objective.projectors.")) for k in module.state_dict())
     before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     t = trainer(tmp_path)
     t.fit(module, PromptDataModule(batch_size=2))
@@ -55,10 +32,20 @@ def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_
 
 
 def test_student_learns_and_projectors_update(tmp_path):
-    module = make_module(optim=OptimConfig(lr=3e-3, projector_lr=1e-2))
-    proj_before = module.projectors.proj["1_3"].weight.clone()
-    trainer(tmp_path, max_steps=4).fit(module, PromptDataModule(batch_size=2))
-    assert not torch.equal(proj_before, module.projectors.proj["1_3"].weight)
+    module = make_module(optim=OptimConfig(lr=3e-3, projector_lr=1e-2, schedule="constant"))
+    # A fixed held-out batch: the hidden loss on it must fall, for the student and the projectors together.
+    fixed = module.sample([f"What is {i} plus 3?" for i in range(6)], module.rollout_cfg, seed=123)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(module.distill(fixed).hidden / fixed.response_mask.sum())
+
+    before, proj_before = held_out_loss(), module.objective.projectors.proj["1_3"].weight.clone()
+    student_before = module.student.model.layers[0].mlp.up_proj.weight.clone()
+    trainer(tmp_path, max_steps=8).fit(module, PromptDataModule(batch_size=2))
+    assert held_out_loss() < 0.8 * before
+    assert not torch.equal(proj_before, module.objective.projectors.proj["1_3"].weight)
+    assert not torch.equal(student_before, module.student.model.layers[0].mlp.up_proj.weight)
 
 
 class FixedRollouts(DistillModule):
@@ -130,17 +117,19 @@ def test_bad_layer_map_fails_before_weights_load(monkeypatch):
 
 def test_validation_metrics(tmp_path):
     module = make_module()
+    prompts = [f"What is {i} plus {i + 2}?" for i in range(8)]
+    whole, rows = score(module, prompts, [None] * 8)
+    # Answers that the student's greedy responses get right for prompts 0, 2, 4 and wrong for the others.
+    answers = [extract_answer(row["response"]) if i in (0, 2, 4) else "-12345" for i, row in enumerate(rows)]
+    assert None not in answers[:5:2], [row["response"] for row in rows]
+    heldout = tmp_path / "heldout.jsonl"
+    lines = [json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers, strict=True)]
+    heldout.write_text("".join(lines))
     results = trainer(tmp_path, limit_val_batches=1.0).validate(
-        module, PromptDataModule(max_val_prompts=8), verbose=False
+        module, PromptDataModule(val=str(heldout), val_batch_size=3), verbose=False
     )[0]
-    for key in (
-        "val/hidden",
-        "val/cos/0_0",
-        "val/cos/1_3",
-        "val/accuracy",
-        "val/distinct_4",
-        "val/repetition",
-        "val/response_length",
-    ):
+    for key in ("val/hidden", "val/cos/0_0", "val/cos/1_3", "val/distinct_4", "val/repetition"):
         assert key in results
-    assert 0 <= results["val/accuracy"] <= 1 and results["val/hidden"] > 0
+    assert results["val/accuracy"] == pytest.approx(3 / 8)  # batches of 3, 3 and 2 prompts, weighted by size
+    assert results["val/response_length"] == pytest.approx(float(whole["response_length"]))
+    assert results["val/hidden"] > 0

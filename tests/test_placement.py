@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import oprd.placement
-from oprd.placement import TeacherPlacement
-from oprd.token_losses import TokenLossConfig
-from tests.test_module import make_module
+import oprd.parallel.placement
+from oprd.losses.token import TokenLossConfig
+from oprd.parallel.placement import TeacherPlacement
+from tests.conftest import make_module
 
 CUDA = torch.device("cuda", 0)
 
@@ -35,7 +35,7 @@ def test_where_the_teacher_rests_and_computes():
 
 def test_offload_moves_the_teacher_in_for_its_pass_and_back_after(monkeypatch):
     moves = []
-    monkeypatch.setattr(oprd.placement, "_move", lambda module, device: moves.append(device))
+    monkeypatch.setattr(oprd.parallel.placement, "_move", lambda module, device: moves.append(device))
     teacher = torch.nn.Linear(2, 2)
     with TeacherPlacement(offload=True).active(teacher, CUDA) as device:
         assert device == CUDA and moves == [CUDA]
@@ -57,15 +57,15 @@ def test_placement_leaves_states_losses_and_gradients_unchanged(placement):
     roll = plain.sample(["What is 1 plus 2?", "Hi"], plain.rollout_cfg, seed=0)
     results = []
     for module in (plain, placed):
-        teacher = module.teacher_states(roll, need_norm=True)
-        terms = module.loss_terms(module.student_states(roll, True), teacher, roll, module.token_cfg)
-        terms["loss"].backward()
+        teacher = module.teacher_states(roll)
+        terms = module.distill(roll, teacher=teacher)
+        terms.loss.backward()
         grads = [p.grad for p in module.student.parameters() if p.grad is not None]
         results.append((teacher, terms, grads))
         assert next(module.teacher.parameters()).device.type == "cpu"
     (t0, l0, g0), (t1, l1, g1) = results
     assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
-    assert torch.equal(l0["loss"], l1["loss"]) and torch.equal(l0["token"], l1["token"])
+    assert torch.equal(l0.loss, l1.loss) and torch.equal(l0.token, l1.token)
     assert len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
 
 

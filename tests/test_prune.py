@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from oprd.prune import check_keep_layers, decoder_layers, every_kth, prune_layers, pruned_layer_map
+from oprd.models.layers import find_layers as decoder_layers
+from oprd.models.prune import check_keep_layers, every_kth, prune_layers, pruned_layer_map
 
 SIZES = dict(
     vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,

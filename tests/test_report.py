@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oprd.data import PromptDataModule
-from oprd.report import DistillReport
-from tests.test_module import make_module
+from oprd.evaluation.report import DistillReport
+from tests.conftest import make_module
 
 
 def test_report_scores_before_after_teacher_and_exports_a_loadable_student(tmp_path, capsys):

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import oprd.rollout
-from oprd.capture import NORM
 from oprd.data import PromptDataModule
+from oprd.losses.token import TokenLossConfig
+from oprd.models.capture import NORM
+from oprd.parallel.sharding import freeze_unreached
 from oprd.rollout import HFGenerateEngine, RolloutConfig, get_engine, register_engine
-from oprd.sharding import freeze_unreached
-from oprd.token_losses import TokenLossConfig
-from tests.conftest import tiny_llama
-from tests.test_module import make_module, trainer
+from tests.conftest import make_module, tiny_llama, trainer
 
 
 def _trainable(model) -> set[str]:
@@ -43,11 +42,7 @@ def test_every_trainable_parameter_gets_a_gradient():
     for kwargs in cases:
         module = make_module(**kwargs)
         roll = module.sample(["What is 1 plus 2?"], module.rollout_cfg, seed=0)
-        need_norm = module.token_cfg is not None
-        terms = module.loss_terms(
-            module.student_states(roll, need_norm), module.teacher_states(roll, need_norm), roll, module.token_cfg
-        )
-        terms["loss"].backward()
+        module.distill(roll).loss.backward()
         missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, (kwargs, missing)
     assert "lm_head.weight" not in module.frozen  # the token-space term trains the head

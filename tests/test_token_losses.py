@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oprd.token_losses import (
+from oprd.losses.token import (
     ESTIMATORS,
     OBJECTIVES,
     TokenLossConfig,
@@ -263,7 +263,7 @@ def test_config_validation(kwargs, match):
 def test_model_logit_transforms_fill_unset_fields_only():
     from types import SimpleNamespace
 
-    from oprd.token_losses import with_model_logit_transforms
+    from oprd.losses.token import with_model_logit_transforms
 
     gemma = SimpleNamespace(final_logit_softcapping=30.0, logit_scale=None)
     mine = TokenLossConfig()

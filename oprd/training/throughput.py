@@ -1,4 +1,4 @@
-"""Throughput and memory per training step (issue 7), logged as `train/` metrics.
+"""Throughput and memory per training step, logged as `train/` metrics.
 
 * `train/rollout_tokens_per_s`: response tokens sampled per second of rollout.
 * `train/update_tokens_per_s`: sequence tokens (prompt + response) per second of everything after the rollout:

@@ -1,4 +1,4 @@
-"""Where the frozen teacher lives (issue 7): on the student's device, on another device, or in CPU RAM between passes.
+"""Where the frozen teacher lives: on the student's device, on another device, or in CPU RAM between passes.
 
 The teacher's dtype is `model.teacher.dtype` (`bfloat16` / `float16` halve its memory; hidden states are compared in
 float32 whatever the dtype). Its placement is one of:
@@ -15,7 +15,7 @@ default                   P x B for the whole run.
                           which peak in the student pass. Costs one host-to-device copy of P x B per step (and
                           its LM head again when a token-space term needs it).
 `shard_teacher: true`     P x B / world size at rest, plus one decoder layer gathered at a time during its pass
-                          (FSDP2, see `oprd/sharding.py`); needs 2+ processes.
+                          (FSDP2, see `oprd.parallel.sharding`); needs 2+ processes.
 ========================  =======================================================================================
 """
 
@@ -29,8 +29,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from oprd.lm_head import head_params
-from oprd.sharding import gathered_head
+from oprd.losses.lm_head import head_params
+from oprd.parallel.sharding import gathered_head, is_sharded
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,32 @@ def _move(module: nn.Module, device: torch.device) -> None:
     param = next(module.parameters(), None)
     if param is not None and param.device != device:
         module.to(device)
+
+
+class FrozenTeacher:
+    """The frozen teacher and where it lives, held outside the LightningModule's submodules.
+
+    A plain object, not an `nn.Module`: the teacher stays out of the optimizer, the checkpoint and the model summary,
+    and Lightning does not move it (`rest` places it where it waits between passes).
+
+    Args:
+        model: the teacher, frozen and in eval mode.
+        placement: its device or CPU offload.
+        layers_path: dotted path to its decoder layers, when they cannot be found automatically.
+    """
+
+    def __init__(self, model: nn.Module, placement: TeacherPlacement, layers_path: str | None = None) -> None:
+        self.model, self.placement, self.layers_path = model.eval().requires_grad_(False), placement, layers_path
+
+    def rest(self, student_device: torch.device) -> None:
+        """Move the teacher to where it waits between passes (a sharded teacher stays where FSDP put it)."""
+        if not is_sharded(self.model):
+            self.placement.rest(self.model, student_device)
+
+    def active(self, student_device: torch.device):
+        """Context: the teacher on its compute device; yields that device."""
+        return self.placement.active(self.model, student_device)
+
+    def head(self, student_device: torch.device):
+        """The teacher's output head on the student's device (see `TeacherPlacement.head`)."""
+        return self.placement.head(self.model, student_device)

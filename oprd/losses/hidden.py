@@ -6,43 +6,26 @@ Shape legend:
     d  hidden width (of the teacher after projection)
 
 Every loss here returns the *sum* over selected tokens; the caller divides by the response-token count of the
-whole optimizer step (all micro-batches, all ranks), as DESIGN.md requires. `masked_mean` exists for logging and
-for callers that know their denominator up front.
+whole optimizer step (all micro-batches, all ranks), so that gradient accumulation and data parallelism do not change
+the objective. `masked_mean` exists for logging and for callers that know their denominator up front.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import reduce
 from torch import Tensor
 
+from oprd.losses.masking import masked_mean, masked_sum
+
 HiddenKind = Literal["mse", "cosine", "normalized_mse"]
 Positions = Literal["all", "last_k", "first_k"]
-HIDDEN_KINDS: tuple[str, ...] = ("mse", "cosine", "normalized_mse")
-POSITIONS: tuple[str, ...] = ("all", "last_k", "first_k")
-
-
-def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
-    """Sum of per-token values over the tokens the mask keeps.
-
-    Args:
-        values: `[b, t]` per-token loss values.
-        mask: `[b, t]` bool or 0/1 mask of tokens that count.
-    """
-    return (values * mask.to(values.dtype)).sum()
-
-
-def masked_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
-    """Mean of per-token values over kept tokens; `num_tokens` overrides the denominator (global normalisation).
-
-    The token count is clamped to at least 1 so a batch with no response tokens gives 0, not NaN.
-    """
-    count = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=values.device)
-    return masked_sum(values, mask) / count.to(values.dtype).clamp_min(1)
+HIDDEN_KINDS: tuple[str, ...] = get_args(HiddenKind)
+POSITIONS: tuple[str, ...] = get_args(Positions)
 
 
 def select_positions(mask: Tensor, positions: Positions = "all", k: int = 1) -> Tensor:

@@ -1,13 +1,15 @@
-"""Numerical faults: find the term or parameter that went non-finite, so the error can name it."""
+"""Numerical faults: find the term or parameter that went non-finite, name it, and stop or skip the step."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-NONFINITE_MODES = ("stop", "skip")
+NonFinite = Literal["stop", "skip"]
 
 
 def nonfinite_term(terms: Mapping[str, Tensor]) -> str | None:
@@ -38,3 +40,29 @@ def describe_term(name: str) -> str:
     if name == "token":
         return "the token-space term"
     return f"the {name} term"
+
+
+class NonFiniteGuard:
+    """What a run does when a loss or gradient is NaN or infinite: `stop` (after saving the last good state) or
+    `skip` the step, counting it.
+
+    Args:
+        mode: `stop` or `skip`.
+    """
+
+    def __init__(self, mode: NonFinite = "stop") -> None:
+        self.mode = mode
+        self.skipped = 0
+
+    def handle(self, trainer, what: str) -> None:
+        """Skip (count it; the caller drops the step) or stop with an error that names the step and the fix."""
+        if self.mode == "skip":
+            self.skipped += 1
+            return
+        step = trainer.global_step
+        path = Path(trainer.default_root_dir) / f"nonfinite-step{step}-last-good.ckpt"
+        trainer.save_checkpoint(path)  # the bad update was not applied: these weights are the last good ones
+        raise FloatingPointError(
+            f"Step {step}: {what}. Saved the last good state to {path}. Lower the learning rate, set "
+            "`model.nonfinite: skip` to skip such steps, or resume from the checkpoint with --ckpt_path."
+        )

@@ -11,17 +11,7 @@ from typing import Literal
 
 from torch import nn
 
-
-def _decoder(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-        raise ValueError(f"Cannot find the decoder layers of {type(model).__name__} (expected `.model.layers`).")
-    return decoder
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a Hugging Face causal LM (`model.model.layers` for Llama, Qwen, Mistral, ...)."""
-    return _decoder(model).layers
+from oprd.models.layers import find_layers, keep_layer_fields, set_layers
 
 
 def check_keep_layers(keep_layers: list[int], num_layers: int) -> list[int]:
@@ -55,29 +45,24 @@ def every_kth(num_layers: int, k: int, offset: int = 0) -> list[int]:
     return list(range(offset, num_layers, k))
 
 
-def prune_layers(model: nn.Module, keep_layers: list[int]) -> nn.Module:
+def prune_layers(model: nn.Module, keep_layers: list[int], layers_path: str | None = None) -> nn.Module:
     """A new model keeping only the decoder layers `keep_layers` of `model`, in order; `model` is not changed.
 
     The copy shares no parameter, buffer or config with the input. Each kept layer is renumbered (`layer_idx`
     of its attention, and of any submodule that stores one) so that it reads and writes its own slot of the KV
-    cache in `generate`; `config.num_hidden_layers` and `config.layer_types` (sliding/full attention per layer,
-    which also sizes the cache) follow the kept layers.
+    cache in `generate`; the config follows the kept layers (`oprd.models.layers.keep_layer_fields`).
     """
-    layers = decoder_layers(model)
+    layers = find_layers(model, layers_path)
     keep = check_keep_layers(keep_layers, len(layers))
     # Pre-seeding deepcopy's memo with the dropped layers copies them as None instead of copying them at all:
     # pruning a big teacher never holds two full copies of it in memory.
     kept_set = set(keep)
     memo = {id(layer): None for i, layer in enumerate(layers) if i not in kept_set}
     student = copy.deepcopy(model, memo)
-    decoder = _decoder(student)
-    kept = [decoder.layers[i] for i in keep]
-    decoder.layers = nn.ModuleList(kept)
-
-    config = student.config
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in keep]
+    copied = find_layers(student, layers_path)
+    kept = [copied[i] for i in keep]
+    set_layers(student, nn.ModuleList(kept), layers_path)
+    keep_layer_fields(student.config, keep)
     for new_idx, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):

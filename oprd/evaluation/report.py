@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
+from oprd.evaluation.scoring import score
 from oprd.export import export_student
 
 log = logging.getLogger(__name__)
@@ -20,12 +21,17 @@ log = logging.getLogger(__name__)
 class AutoWandbLogger(WandbLogger):
     """`WandbLogger` that runs offline when no W&B account is configured, and says how to sync the run later.
 
-    `WANDB_MODE=disabled` still turns W&B off entirely; an explicit `offline: true/false` is respected.
+    `WANDB_MODE=disabled` still turns W&B off entirely; an explicit `offline: true/false` is respected. W&B's own
+    terminal lines are off unless `settings` are given: `DistillReport` prints how to open or sync the run.
     """
 
     def __init__(self, offline: bool | None = None, **kwargs: Any) -> None:
         if offline is None:
             offline = not _has_wandb_account()
+        if kwargs.get("settings") is None:  # the CLI passes every wandb.init argument, unset ones as None
+            import wandb
+
+            kwargs["settings"] = wandb.Settings(silent=True, disable_git=True)
         super().__init__(offline=offline, **kwargs)
 
 
@@ -36,14 +42,20 @@ def _has_wandb_account() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def wandb_hint(logger) -> str | None:
-    """How to open this run's W&B page: its URL online, the `wandb sync` command offline."""
+def wandb_online(logger) -> bool | None:
+    """Whether a W&B logger's run syncs online (None: not a W&B logger, or W&B is disabled)."""
     if not isinstance(logger, WandbLogger) or os.environ.get("WANDB_MODE") == "disabled":
         return None
+    return not logger.experiment.offline
+
+
+def wandb_hint(logger) -> str | None:
+    """How to open this run's W&B page: its URL online, the `wandb sync` command offline."""
+    online = wandb_online(logger)
+    if online is None:
+        return None
     run = logger.experiment
-    if getattr(logger, "_offline", False) or os.environ.get("WANDB_MODE") == "offline":
-        return f"offline run; upload it with: wandb sync {Path(run.dir).parent}"
-    return getattr(run, "url", None)
+    return run.url if online else f"offline run; upload it with: wandb sync {Path(run.dir).parent}"
 
 
 class DistillReport(L.Callback):
@@ -84,8 +96,8 @@ class DistillReport(L.Callback):
         rows: list[dict[str, Any]] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            metrics, chunk_rows = module.score(
-                [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
+            metrics, chunk_rows = score(
+                module, [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
             )
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * len(chunk)
@@ -162,9 +174,7 @@ class DistillReport(L.Callback):
 
 def _log_artifact(logger, folder: Path) -> None:
     """Upload the exported student as a W&B model artifact when the run is online."""
-    if not isinstance(logger, WandbLogger) or getattr(logger, "_offline", False):
-        return
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+    if not wandb_online(logger):
         return
     import wandb
 

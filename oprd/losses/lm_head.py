@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from oprd.token_losses import TokenLossConfig, apply_logit_transforms, slice_vocab, token_loss_per_token, token_loss_sum
+from oprd.losses.token import TokenLossConfig, apply_logit_transforms, slice_vocab, token_loss_per_token, token_loss_sum
 
 Head = nn.Module | Tensor
 """An output head: a module with `.weight` `[v, d]` and optional `.bias` `[v]` (`nn.Linear`), or a bare weight."""

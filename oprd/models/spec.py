@@ -8,33 +8,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from oprd.prune import check_keep_layers, every_kth, prune_layers
+from oprd.models.layers import pruned_config
+from oprd.models.prune import check_keep_layers, every_kth, prune_layers
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_TOKENIZER = "tiny"
-# The random models of configs/tiny.yaml: a 4-layer/64-wide Llama teacher and a 2-layer/32-wide student, so the
-# projectors map between unequal widths. Tests and `benchmarks --quick` build them.
-TINY_TEACHER: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-TINY_STUDENT: dict[str, Any] = {**TINY_TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 
 
 @dataclass
@@ -83,16 +70,29 @@ class ModelSpec:
 
 
 def local_path(spec: ModelSpec) -> str:
-    """The folder or hub id to load from, building a built-in alias on first use."""
-    from oprd import builtin
+    """The folder or hub id to load from, building a built-in alias on first use.
+
+    A path that looks local (`./x`, `/x`, `~/x`, `a/b/c`, or `a/b` where `a` is a local folder) but does not exist is
+    refused at once: treated as a hub id it would retry the network before saying anything useful.
+    """
+    from oprd.demo import builtin
 
     if spec.path in builtin.BUILTIN_MODELS:
         return str(builtin.resolve_builtin(spec.path))
-    if spec.path.startswith((".", "/", "~")) and not Path(spec.path).expanduser().exists():
+    path = Path(spec.path).expanduser()
+    if not path.exists() and _looks_local(spec.path):
         raise ValueError(
-            f"Model folder {spec.path} does not exist; check the path (or use a hub id or built-in alias)."
+            f"Model folder {spec.path} does not exist; check the path (or use a hub id such as "
+            f"`HuggingFaceTB/SmolLM2-135M-Instruct`, or a built-in alias: {', '.join(builtin.BUILTIN_MODELS)})."
         )
     return spec.path
+
+
+def _looks_local(name: str) -> bool:
+    # A hub id is `name` or `owner/name`; anything else with a path shape is meant as a folder.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
 
 
 def load_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedConfig:
@@ -109,9 +109,7 @@ def load_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedCon
         except OSError as err:
             raise ValueError(f"Cannot load the config of model {spec.path!r}: {err}") from err
     keep = spec.kept_layers(config.num_hidden_layers)
-    if keep is not None:
-        config = pruned_config(config, keep)
-    return config
+    return config if keep is None else pruned_config(config, keep)
 
 
 def load_model(spec: ModelSpec, config: PretrainedConfig) -> torch.nn.Module:
@@ -131,7 +129,7 @@ def load_model(spec: ModelSpec, config: PretrainedConfig) -> torch.nn.Module:
             local_path(spec), config=full_config, dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
     if keep is not None:
-        model = prune_layers(model, keep)
+        model = prune_layers(model, keep, spec.layers_path)
     log.info("Loaded %s (%.1fM parameters)", spec.describe(), sum(p.numel() for p in model.parameters()) / 1e6)
     return model
 
@@ -145,76 +143,3 @@ def pruned_from(spec: ModelSpec, vocab_size: int | None = None) -> list[int] | N
     if not spec.pruned:
         return None
     return spec.kept_layers(load_config(_unpruned(spec), vocab_size).num_hidden_layers)
-
-
-def pruned_config(config: PretrainedConfig, keep: list[int]) -> PretrainedConfig:
-    """The config of a model that keeps only `keep` of its decoder layers."""
-    config = copy.deepcopy(config)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in keep]
-    config.num_hidden_layers = len(keep)
-    return config
-
-
-def load_tokenizer(name: str):
-    """A tokenizer by hub id, folder, built-in alias, or `tiny` (a small byte-level BPE built offline)."""
-    if name == TINY_TOKENIZER:
-        return copy.deepcopy(tiny_tokenizer())
-    tokenizer = AutoTokenizer.from_pretrained(local_path(ModelSpec(path=name)))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        log.info("Tokenizer %s has no pad token; using its EOS token %r for padding.", name, tokenizer.eos_token)
-    return tokenizer
-
-
-_CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_TINY_CORPUS = [f"What is {a} plus {b}? {a} + {b} = {a + b}." for a in range(1, 21) for b in range(1, 21)] + [
-    "The quick brown fox jumps over the lazy dog.",
-    "Distillation teaches a small student to imitate a large teacher, one hidden state at a time.",
-    "Hello! How can I help you today? Let me think step by step about the answer.",
-]
-
-
-@functools.cache
-def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer with a ChatML template, trained offline in milliseconds for tests and demos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        chat_template=_CHATML,
-    )
-
-
-def check_vocab(tokenizer, config: PretrainedConfig, who: str) -> None:
-    """The model's embedding must cover the tokenizer (padded vocab sizes are fine: they are sliced later)."""
-    if config.vocab_size < len(tokenizer):
-        raise ValueError(
-            f"The {who}'s vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}): they "
-            "do not belong together. Use the tokenizer of the model family (`model.tokenizer`)."
-        )
-
-
-def check_same_tokenizer(teacher_tok, student_tok) -> None:
-    """Teacher and student must share a tokenizer: hidden states are compared position by position."""
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        t, s = teacher_tok.get_vocab(), student_tok.get_vocab()
-        diff = sorted(set(t.items()) ^ set(s.items()))[:3]
-        raise ValueError(
-            f"Teacher and student tokenizers differ (vocab sizes {len(t)} vs {len(s)}; e.g. {diff}). oprd compares "
-            "them token by token: pick a student from the teacher's family."
-        )

@@ -1,12 +1,13 @@
-"""Multi-process training (issue 7): what DDP and FSDP2 need from the student, the projectors and the teacher.
+"""Multi-process training: what DDP and FSDP2 need from the student, the projectors and the teacher.
 
 * **DDP** (`--trainer.strategy ddp`): every trainable parameter must get a gradient in every step, or DDP (with its
   default `find_unused_parameters=False`) fails at the second step. The hidden-state loss never reaches the LM head
   (and, with a truncating layer map, the final norm or the last layers), so `freeze_unreached` freezes what the loss
   cannot reach. Their updates were zero anyway; frozen, they cost no gradient buffers or all-reduce traffic.
 * **FSDP2** (`--trainer.strategy fsdp2`, i.e. `FSDP2Strategy`): Lightning's `ModelParallelStrategy` with every
-  process in one data-parallel group and single-file checkpoints. `DistillModule.configure_model` shards each
-  decoder layer and then the whole student (`shard_model`), and the projectors; with `shard_teacher: true` the
+  process in one data-parallel group and single-file checkpoints. `configure_sharding` (called from
+  `DistillModule.configure_model`) shards each decoder layer and then the whole student (`shard_model`), and the
+  projectors; with `shard_teacher: true` the
   teacher too (under DDP as well: a DDP student with an FSDP2 teacher). Sharded models run whole forward passes
   (`full_forward_states`): hook-based early exit would skip FSDP's post-forward hooks. Generation passes
   `synced_gpus=True` (a rank that stops sampling early would otherwise leave the others waiting in an all-gather).
@@ -23,12 +24,14 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.constants import default_pg_timeout
 
-from oprd.capture import NORM, HiddenCapture, Point, find_final_norm, find_layers
-from oprd.lm_head import head_params
+from oprd.losses.lm_head import head_params
+from oprd.models.capture import NORM, HiddenCapture, Point, forward_inputs
+from oprd.models.layers import find_final_norm, find_layers
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -58,13 +61,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":  # the parent's "auto" is the node count: shard over every process
+        # The parent's "auto" is the node count, and the world size is known only now. No public setter exists:
+        # `tests/test_lightning_api.py` fails if this member goes, and pyproject pins the Lightning range.
+        if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
 
-if "fsdp2" not in StrategyRegistry:
-    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over all processes (oprd.sharding)")
+def register_strategies() -> None:
+    """Make `--trainer.strategy fsdp2` name `FSDP2Strategy` (the CLI calls this before parsing)."""
+    if "fsdp2" not in StrategyRegistry:
+        StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over all processes (oprd.parallel)")
 
 
 def data_parallel_mesh(strategy, device: torch.device):
@@ -113,18 +120,62 @@ def full_forward_states(
     """
     capture = HiddenCapture(model, points, layers_path, stop_early=False)
     with capture.capture() as states:
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-        )
-        missing = [p for p in capture.points if p not in states]
-        if missing:
-            raise RuntimeError(f"Hooks on {missing} did not fire; check `layers_path`.")
-        return dict(states)
+        model(**forward_inputs(input_ids, attention_mask), logits_to_keep=1)
+        return capture.collected(states)
+
+
+def hidden_states(
+    model: nn.Module, points: Sequence[Point], layers_path: str | None, input_ids: Tensor, attention_mask: Tensor
+) -> dict[Point, Tensor]:
+    """Hidden states at `points`, `[b, t, d]` each: a pass that stops after the deepest point, or a whole forward
+    when the model is sharded (see `full_forward_states`)."""
+    if is_sharded(model):
+        return full_forward_states(model, points, layers_path, input_ids, attention_mask)
+    return HiddenCapture(model, points, layers_path).run(input_ids, attention_mask)
+
+
+def configure_sharding(
+    strategy,
+    student: nn.Module,
+    projectors: nn.Module,
+    teacher: nn.Module,
+    layers_paths: dict,
+    shard_teacher: bool,
+    keep_head: bool,
+) -> None:
+    """Shard the student and projectors under `fsdp2` (ModelParallelStrategy), and the teacher on request.
+
+    Args:
+        layers_paths: `{"student": ..., "teacher": ...}` dotted paths to the decoder layers (None: found).
+        shard_teacher: shard the teacher too (2+ processes, under `fsdp2` or `ddp`).
+        keep_head: a token-space term reads the LM head outside the forward: keep the root gathered until the
+            backward.
+    """
+    sharded = isinstance(strategy, ModelParallelStrategy)
+    if shard_teacher and strategy.world_size == 1:
+        rank_zero_warn("`shard_teacher` needs 2+ processes; the teacher stays whole.")
+    if is_sharded(student) or not (sharded or (shard_teacher and strategy.world_size > 1)):
+        return
+    mesh = data_parallel_mesh(strategy, strategy.root_device)
+    if sharded:
+        shard_model(student, mesh, layers_paths["student"], reshard_root=not keep_head)
+        if any(True for _ in projectors.parameters()):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(projectors, mesh=mesh)
+    if shard_teacher and not is_sharded(teacher):
+        shard_model(teacher.to(strategy.root_device), mesh, layers_paths["teacher"])
+
+
+def synced_generation(trainer, model: nn.Module) -> bool:
+    """Whether `generate` must keep the ranks in lock-step (`synced_gpus=True`).
+
+    Sharded models all-gather inside their forward, so a rank that stops sampling early would leave the others waiting.
+    DDP needs no sync (its collectives run in the backward); other multi-process strategies (DeepSpeed) may.
+    """
+    if trainer is None or trainer.world_size == 1:
+        return False
+    return is_sharded(model) or not isinstance(trainer.strategy, (DDPStrategy, ModelParallelStrategy))
 
 
 def gathered_head(head):

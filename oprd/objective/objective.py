@@ -1,0 +1,202 @@
+"""The distillation objective: what the student is trained against, and everything learned besides the student.
+
+Shape legend:
+    b    sequences (prompts x generations)
+    t    prompt + response tokens
+    d_s  student width
+    d_t  teacher width
+
+`L = w_token * L_token + mu * L_hidden` (OPRD, arXiv 2606.06021, Eq. 7). The `Objective` owns the projectors, says
+which capture points each model's pass must produce and whether the LM heads are needed (nothing else re-derives
+that from the config), and returns a `LossTerms` of token sums that knows its own metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums, mean_cosine
+from oprd.losses.lm_head import Head, token_loss_sum_from_hidden
+from oprd.losses.token import TokenLossConfig, with_model_logit_transforms
+from oprd.models.capture import NORM, Point
+from oprd.objective.projectors import Projectors
+from oprd.rollout.sampling import Rollout
+
+EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
+"""Held-out reverse KL is always exact over the full vocabulary, whatever the training objective."""
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The two output heads a token-space term reads (the teacher's already on the student's device)."""
+
+    student: Head
+    teacher: Head
+
+
+@dataclass
+class LossTerms:
+    """One micro-batch's terms, each a sum over its response tokens (divide by the step's token count).
+
+    `metrics(tokens)` turns them into per-token values under the names oprd logs.
+    """
+
+    loss: Tensor
+    """What backward sees: `token_weight * token + hidden_weight * hidden`."""
+    hidden: Tensor
+    """Hidden-state term, mean over pairs (0 without pairs)."""
+    pairs: dict[str, Tensor] = field(default_factory=dict)
+    """Hidden-state term of each layer pair, by pair label."""
+    cosine: dict[str, Tensor] = field(default_factory=dict)
+    """Mean cosine similarity of each pair's projected student state to the teacher's (already a mean)."""
+    token: Tensor | None = None
+    """Token-space term, when one is computed."""
+    hidden_weight: Tensor | float = 1.0
+    """The hidden term's effective weight (mu, times the balance ratio when balancing)."""
+    token_weight: float = 1.0
+    """The token term's weight."""
+
+    def metrics(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Per-token values: `loss`, `hidden`, `hidden/<pair>`, `cos/<pair>`, `hidden_weight`, and with a token term
+        `token_kl` and `token_weight`.
+
+        Args:
+            tokens: response tokens of the micro-batch (clamped to at least 1).
+        """
+        tokens = tokens.clamp_min(1).float()
+        metrics = {"loss": self.loss.detach() / tokens, "hidden": self.hidden.detach() / tokens}
+        metrics.update({f"hidden/{label}": value.detach() / tokens for label, value in self.pairs.items()})
+        metrics.update({f"cos/{label}": value for label, value in self.cosine.items()})
+        metrics["hidden_weight"] = torch.as_tensor(self.hidden_weight).detach().float()
+        if self.token is not None:
+            metrics["token_kl"] = self.token.detach() / tokens
+            metrics["token_weight"] = torch.tensor(float(self.token_weight))
+        return metrics
+
+    def named(self) -> dict[str, Tensor]:
+        """Every computed term by name: `hidden/<pair>`, `hidden`, `token` (when computed) and `loss`."""
+        named = {f"hidden/{label}": value for label, value in self.pairs.items()}
+        named["hidden"] = self.hidden
+        if self.token is not None:
+            named["token"] = self.token
+        named["loss"] = self.loss
+        return named
+
+
+class Objective(nn.Module):
+    """Projectors plus the hidden-state and token-space terms and their weighting.
+
+    Args:
+        pairs: the resolved layer map, `(student point, teacher point)`.
+        student_config: the student's transformers config (width, logit soft-cap / scale).
+        teacher_config: the teacher's transformers config (width).
+        vocab_size: the shared tokenizer's vocabulary (padded head rows are sliced off).
+        hidden_loss: how hidden states are compared.
+        hidden_weight: mu; 0 turns the hidden term off (no pairs, no projectors).
+        token_loss: the token-space term; None turns it off.
+        token_weight: w_token.
+        balance: rescale the hidden term to the token term's magnitude (a detached ratio) before mu weights it.
+        seed: seed of the projectors' initialisation (random between unequal widths).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Point, Point]],
+        student_config,
+        teacher_config,
+        vocab_size: int,
+        hidden_loss: HiddenLossConfig = HiddenLossConfig(),
+        hidden_weight: float = 1.0,
+        token_loss: TokenLossConfig | None = None,
+        token_weight: float = 1.0,
+        balance: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if hidden_weight <= 0 and token_loss is None:
+            raise ValueError("Nothing to optimise: set hidden_weight > 0, or a token_loss (e.g. --config opd.yaml).")
+        self.pairs = list(pairs) if hidden_weight > 0 else []
+        self.hidden_loss, self.hidden_weight = hidden_loss, hidden_weight
+        self.token_loss = with_model_logit_transforms(token_loss, student_config)
+        self.eval_kl = with_model_logit_transforms(EVAL_KL, student_config)
+        self.token_weight, self.balance, self.vocab_size = token_weight, balance, vocab_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # projectors between unequal widths start random: make that reproducible
+            self.projectors = Projectors(self.pairs, student_config.hidden_size, teacher_config.hidden_size)
+
+    @property
+    def needs_head(self) -> bool:
+        """Whether training reads the LM heads (a token-space term): the `norm` point and the heads are needed."""
+        return self.token_loss is not None
+
+    def points(self, who: Literal["student", "teacher"], head: bool | None = None) -> list[Point]:
+        """The capture points `who`'s pass must produce; `head` (default: `needs_head`) adds the final normed state."""
+        side = 0 if who == "student" else 1
+        head = self.needs_head if head is None else head
+        return [pair[side] for pair in self.pairs] + ([NORM] if head else [])
+
+    def forward(
+        self,
+        student: dict[Point, Tensor],
+        teacher: dict[Point, Tensor],
+        roll: Rollout,
+        heads: Heads | None = None,
+        token_loss: TokenLossConfig | None = None,
+    ) -> LossTerms:
+        """Every term on one rollout.
+
+        Args:
+            student: capture point -> `[b, t, d_s]` student states (with gradient when training).
+            teacher: capture point -> `[b, t, d_t]` teacher states.
+            roll: the rollout (response mask, and the sampled tokens for a token term).
+            heads: the output heads, needed with a token term.
+            token_loss: the token term to compute (default: the configured one; `eval_kl` for held-out scoring).
+        """
+        token_loss = token_loss or self.token_loss
+        terms = LossTerms(loss=roll.response_mask.new_zeros((), dtype=torch.float32), hidden=None)
+        terms.hidden = terms.loss
+        terms.hidden_weight = torch.tensor(float(self.hidden_weight))
+        if self.pairs:
+            projected = self.projectors(student)
+            targets = {label: teacher[t] for label, (_, t) in zip(self.projectors.labels, self.pairs, strict=True)}
+            terms.pairs = hidden_loss_sums(projected, targets, roll.response_mask, self.hidden_loss)
+            terms.cosine = {
+                label: mean_cosine(projected[label], targets[label], roll.response_mask) for label in terms.pairs
+            }
+            terms.hidden = torch.stack(list(terms.pairs.values())).mean()
+        terms.loss = self.hidden_weight * terms.hidden
+        if token_loss is not None:
+            if heads is None:
+                raise ValueError("A token-space term needs the models' output heads.")
+            terms.token = self.token_sum(student[NORM], teacher[NORM], roll, heads, token_loss)
+            if self.balance and self.pairs:
+                ratio = terms.token.detach() / terms.hidden.detach().clamp_min(1e-12)
+                terms.hidden_weight = self.hidden_weight * ratio
+            terms.token_weight = self.token_weight
+            terms.loss = self.token_weight * terms.token + terms.hidden_weight * terms.hidden
+        return terms
+
+    def token_sum(
+        self, student_norm: Tensor, teacher_norm: Tensor, roll: Rollout, heads: Heads, config: TokenLossConfig
+    ) -> Tensor:
+        """Token-space loss summed over response tokens: position t-1's distribution predicts response token t.
+
+        Args:
+            student_norm: `[b, t, d_s]` final normed student states.
+            teacher_norm: `[b, t, d_t]` final normed teacher states.
+        """
+        return token_loss_sum_from_hidden(
+            student_norm[:, :-1],
+            heads.student,
+            teacher_norm[:, :-1],
+            heads.teacher,
+            roll.input_ids[:, 1:],
+            roll.response_mask[:, 1:],
+            config,
+            self.vocab_size,
+        )
