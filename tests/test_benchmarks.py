@@ -20,6 +20,7 @@ ARGS = {
     # Tiny random models: the real SmolLM2 --quick run takes about a minute on a shared 2-core CPU.
     "step": ["--quick", "--models", "tiny", "--threads", "1"],
     "compare": ["--quick", "--threads", "1"],
+    "memory_growth": ["--quick", "--threads", "1"],
 }
 SUMMARY_KEYS = {
     "loss_memory": {
@@ -40,6 +41,7 @@ SUMMARY_KEYS = {
         "paper_speedup_vs_opd_top16",
     },
     "compare": {"arith", "pruned", "wall_clock_s"},
+    "memory_growth": {"growth_after_warmup_pct", "rss_after_warmup_mib", "rss_end_mib", "warmup_steps"},
 }
 
 
@@ -102,3 +104,8 @@ def test_compare_evaluates_every_method_from_the_same_start(results):
         assert len({r["reverse_kl"] for r in starts}) == 1
         assert all(r["final_reverse_kl"] >= 0 for r in methods.values())
 
+
+def test_memory_stays_flat_over_a_long_fit(results):
+    data = results("memory_growth")[0]
+    assert [row["step"] for row in data["rows"]] == list(range(1, 61))
+    assert data["summary"]["growth_after_warmup_pct"] <= data["summary"]["limit_pct"]
