@@ -45,10 +45,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read `{"prompt": ..., "answer": ...}` lines, with errors that name the file and line number."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not a prompt
     except OSError as err:
         raise ValueError(
             f"Cannot read prompt file {path}: {err.strerror}. Check the path in `data.train`/`data.val`."
+        ) from err
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}). Save the file as UTF-8."
         ) from err
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -147,6 +152,19 @@ def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None,
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+NO_HELDOUT = (
+    "oprd {stage} answers held-out prompts, and there are none: set --data.val to a JSONL file of "
+    '{{"prompt": ..., "answer": ...}} lines (or train on a built-in task, which holds some out).'
+)
+
+
+def heldout_source(train: str | None, val: str | None) -> str | None:
+    """Where held-out prompts come from: `val`, else the held-out split of a built-in `train` task, else nowhere."""
+    if val is not None:
+        return val
+    return train if train in BUILTIN_SOURCES else None
+
+
 def check_sources(train: str | None, val: str | None = None, seed: int = 0, num_val: int = 100) -> None:
     """Read each prompt source once to fail fast: the CLI calls this before any model is loaded.
 
@@ -232,6 +250,13 @@ class PromptDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}.")
+        if max_val_prompts is not None and max_val_prompts < 1:
+            raise ValueError(f"data.max_val_prompts must be >= 1 or null (all), got {max_val_prompts}.")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.save_hyperparameters()
         self.train_items: list[dict[str, Any]] = []
         self.val_items: list[dict[str, Any]] = []
@@ -241,7 +266,9 @@ class PromptDataModule(L.LightningDataModule):
         if not self.train_items and stage in (None, "fit"):
             self.train_items = load_prompts(hp.train, "train", seed=hp.seed, num_val=hp.num_val)
         if not self.val_items:
-            source = hp.val if hp.val is not None else (hp.train if hp.train in BUILTIN_SOURCES else None)
+            source = heldout_source(hp.train, hp.val)
+            if source is None and stage in ("validate", "test", "predict"):
+                raise ValueError(NO_HELDOUT.format(stage=stage))
             if source is not None:
                 self.val_items = load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)
             self.val_items = self.val_items[: hp.max_val_prompts]

@@ -9,6 +9,7 @@ often many times larger, is never loaded. The folder holds weights, config, gene
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -16,15 +17,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from oprd.hparams import from_plain
 from oprd.models.spec import ModelSpec, load_config, load_model
 from oprd.models.tokenizers import pair_tokenizer
-from oprd.training.checkpoint import check_state_shapes
+from oprd.training.checkpoint import check_state_shapes, load_checkpoint
 
 STUDENT_PREFIX = "student."
+EXPORT_MARKER = "oprd_export.json"
+"""Written into every export: the files it holds, so `--overwrite` can tell an earlier export from other files."""
 
 
 def export_student(module, folder: str | Path, overwrite: bool = False) -> Path:
@@ -54,17 +56,6 @@ def export_checkpoint(
     return save_folder(student, tokenizer, folder, overwrite)
 
 
-def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """Load an `oprd fit` checkpoint on the CPU (memory-mapped), with errors that say what is wrong."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"Checkpoint {path} does not exist; `oprd fit` writes them to <default_root_dir>/checkpoints.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint of `oprd fit` (no state_dict and hyper_parameters).")
-    return checkpoint
-
-
 def build_student(hparams: Mapping[str, Any]):
     """The student model and tokenizer that DistillModule builds from the same hyper-parameters, without the teacher.
 
@@ -86,15 +77,19 @@ def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False) -
     _refuse_non_empty(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    retired = staging.with_name(staging.name + "-previous")
     try:
         model.save_pretrained(staging)
         generation_config(model, tokenizer).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        (staging / EXPORT_MARKER).write_text(json.dumps({"files": files}, indent=2) + "\n")
+        if folder.exists():  # a previous export (checked above): swapped out whole, then deleted
+            os.replace(folder, retired)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
     return folder
 
 
@@ -113,10 +108,26 @@ def generation_config(model, tokenizer):
 
 
 def _refuse_non_empty(folder: Path, overwrite: bool) -> None:
+    """Refuse a file, a non-empty folder without `overwrite`, and with it anything but a previous export: `overwrite`
+    replaces an earlier `oprd export`, never a user's other files (a checkpoint beside it, say)."""
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file; choose a folder for the exported model.")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    if not overwrite:
         raise FileExistsError(f"{folder} is not empty; choose another folder or pass overwrite=True (--overwrite).")
+    try:
+        exported = set(json.loads((folder / EXPORT_MARKER).read_text())["files"]) | {EXPORT_MARKER}
+    except (OSError, ValueError, KeyError):
+        exported = set()
+    other = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    other = [name for name in other if name not in exported]
+    if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise FileExistsError(
+            f"{folder} holds files that no `oprd export` wrote ({', '.join(other[:3])}{more}); --overwrite only "
+            "replaces an earlier export. Choose another folder, or move those files first."
+        )
 
 
 # ---- the `oprd export` subcommand ---------------------------------------------------------------------------------

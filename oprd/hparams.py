@@ -1,7 +1,9 @@
-"""Hyper-parameters as checkpoints and the CLI hold them: plain values (dicts, lists, numbers, strings).
+"""Hyper-parameters as checkpoints and the CLI hold them (plain values), and their typed, validated form.
 
 Config dataclasses become dicts when saved, so `torch.load(weights_only=True)` reads every checkpoint, and come back
 as dataclasses when a module is rebuilt from them (LightningCLI and `load_from_checkpoint` hand back dicts).
+`typed_model_args` builds and checks them before any model loads, and its errors name the setting as the CLI spells
+it (`model.optim.lr must be > 0, ...`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,23 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from oprd.losses.hidden import HiddenLossConfig
+from oprd.losses.token import TokenLossConfig
+from oprd.models.spec import ModelSpec
+from oprd.rollout.sampling import RolloutConfig
+from oprd.training.optim import OptimConfig
+
 T = TypeVar("T")
+
+MODEL_CONFIGS: dict[str, type] = {
+    "teacher": ModelSpec,
+    "student": ModelSpec,
+    "hidden_loss": HiddenLossConfig,
+    "token_loss": TokenLossConfig,
+    "rollout": RolloutConfig,
+    "optim": OptimConfig,
+}
+"""The `DistillModule` arguments that are config dataclasses."""
 
 
 def to_plain(value: Any) -> Any:
@@ -21,3 +39,32 @@ def to_plain(value: Any) -> Any:
 def from_plain(cls: type[T], value: T | Mapping[str, Any]) -> T:
     """`cls(**value)` for a mapping; a `cls` instance as it is."""
     return cls(**value) if isinstance(value, Mapping) else value
+
+
+def typed_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """`DistillModule` arguments with every config a validated dataclass and every number in range.
+
+    Raises:
+        ValueError: naming the setting (`model.rollout.top_p must lie in (0, 1], got 1.5; ...`).
+    """
+    typed = dict(args)
+    for name, cls in MODEL_CONFIGS.items():
+        if typed.get(name) is not None:
+            try:
+                typed[name] = from_plain(cls, typed[name])
+            except (TypeError, ValueError) as err:
+                fields = {f.name for f in dataclasses.fields(cls)}
+                first = str(err).split(" ", 1)[0]
+                raise ValueError(f"model.{name}.{err}" if first in fields else f"model.{name}: {err}") from err
+    minimum = {
+        "max_prompt_length": 1,
+        "val_max_new_tokens": 1,
+        "nonfinite_max_skips": 1,
+        "hidden_weight": 0,
+        "token_weight": 0,
+    }
+    for name, low in minimum.items():
+        value = typed.get(name)
+        if value is not None and value < low:
+            raise ValueError(f"model.{name} must be >= {low}, got {value}.")
+    return typed

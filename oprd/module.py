@@ -22,13 +22,13 @@ from torch import Tensor
 
 from oprd.data import format_prompts
 from oprd.evaluation.scoring import Responder, score
-from oprd.hparams import from_plain, to_plain
+from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models.capture import Point
 from oprd.models.layers import find_layers
 from oprd.models.spec import ModelSpec, load_config, load_model, pruned_from
-from oprd.models.tokenizers import check_vocab, pair_tokenizer
+from oprd.models.tokenizers import check_positions, check_vocab, pair_tokenizer
 from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
 from oprd.objective.objective import Heads, LossTerms, Objective
 from oprd.parallel.placement import FrozenTeacher, TeacherPlacement
@@ -44,7 +44,7 @@ from oprd.rollout.engine import get_engine
 from oprd.rollout.sampling import Rollout, RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import NonFinite, NonFiniteGuard, describe_term, nonfinite_grads, nonfinite_term
-from oprd.training.optim import OptimConfig, build_optimizer
+from oprd.training.optim import OptimConfig, build_optimizer, retune_saved_optimizer
 from oprd.training.throughput import StepMeter
 
 
@@ -69,6 +69,9 @@ class DistillModule(L.LightningModule):
         eval_model: which model answers the held-out prompts in validate/test: the `student` or the `teacher`
             (to score the teacher with the same metrics).
         nonfinite: on a NaN/inf loss or gradient, `stop` (saving the last good state first) or `skip` the step.
+        nonfinite_max_skips: with `nonfinite: skip`, stop after this many skipped steps in a row.
+        keep_last_good: copy the trainable weights to CPU memory after each finite step (one copy per step), so that
+            a stop saves the last weights that gave a finite loss, not the ones the bad update already broke.
         seed: base seed of the rollouts (each step's seed derives from it, so resumed runs sample the same).
         teacher_device: run the teacher on this device (`cuda:1`, `cpu`) instead of the student's: no teacher weights
             on the student's device; each step moves the sequences over and the captured states back.
@@ -97,6 +100,8 @@ class DistillModule(L.LightningModule):
         val_max_new_tokens: int | None = None,
         eval_model: Responder = "student",
         nonfinite: NonFinite = "stop",
+        nonfinite_max_skips: int = 5,
+        keep_last_good: bool = True,
         seed: int = 0,
         teacher_device: str | None = None,
         offload_teacher: bool = False,
@@ -104,11 +109,11 @@ class DistillModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        args = typed_model_args(self.hparams)  # every setting checked before anything loads
         for key, value in self.hparams.items():
             self.hparams[key] = to_plain(value)
-        teacher, student = from_plain(ModelSpec, teacher), from_plain(ModelSpec, student)
-        token_loss = None if token_loss is None else from_plain(TokenLossConfig, token_loss)
-        self.rollout_cfg, self.optim_cfg = from_plain(RolloutConfig, rollout), from_plain(OptimConfig, optim)
+        teacher, student, token_loss = args["teacher"], args["student"], args["token_loss"]
+        self.rollout_cfg, self.optim_cfg = args["rollout"], args["optim"]
         placement = TeacherPlacement(teacher_device, offload_teacher)
         if shard_teacher and (teacher_device is not None or offload_teacher):
             raise ValueError(
@@ -121,6 +126,7 @@ class DistillModule(L.LightningModule):
         t_cfg, s_cfg = load_config(teacher, len(self.tokenizer)), load_config(student, len(self.tokenizer))
         check_vocab(self.tokenizer, t_cfg, "teacher")
         check_vocab(self.tokenizer, s_cfg, "student")
+        check_positions(max_prompt_length, max(self.rollout_cfg.max_new_tokens, val_max_new_tokens or 0), t_cfg, s_cfg)
         kept = pruned_from(student, len(self.tokenizer))
         pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, kept)
         self.objective = Objective(
@@ -128,7 +134,7 @@ class DistillModule(L.LightningModule):
             s_cfg,
             t_cfg,
             len(self.tokenizer),
-            from_plain(HiddenLossConfig, hidden_loss),
+            args["hidden_loss"],
             hidden_weight,
             token_loss,
             token_weight,
@@ -144,8 +150,9 @@ class DistillModule(L.LightningModule):
         # What the loss cannot reach gets no gradient: frozen, so DDP finds no unused parameters.
         points = self.objective.points("student")
         self.frozen = freeze_unreached(self.student, points, student.layers_path, self.objective.needs_head)
-        self.guard = NonFiniteGuard(nonfinite)
+        self.guard = NonFiniteGuard(nonfinite, nonfinite_max_skips, keep_last_good)
         self._step_tokens = torch.zeros(())
+        self._step_finite = True  # every micro-batch of this optimizer step had a finite loss
         self.meter, self._synced_step, self._update_tokens = StepMeter(), 0, 0
 
     @property
@@ -164,7 +171,8 @@ class DistillModule(L.LightningModule):
         terms = self.distill(roll)
         bad = nonfinite_term(terms.named())
         if self.trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
-            self.guard.handle(self.trainer, f"{describe_term(bad or 'loss')} is not finite")
+            self._step_finite = False
+            self.guard.failed(self.trainer, f"{describe_term(bad or 'loss')} is not finite", weights_broken=True)
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
             return None  # skips this micro-batch
         tokens = roll.response_mask.sum()
@@ -238,11 +246,13 @@ class DistillModule(L.LightningModule):
         self._step_tokens = torch.zeros((), device=self._step_tokens.device)
         bad = nonfinite_grads(local_grads(self.named_parameters()))
         if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            self.guard.handle(
-                self.trainer, f"the gradient of {', '.join(bad) or 'a parameter on another rank'} is not finite"
-            )
+            what = f"the gradient of {', '.join(bad) or 'a parameter on another rank'} is not finite"
+            self.guard.failed(self.trainer, what, weights_broken=False)
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+        elif self._step_finite:  # Lightning calls this hook for skipped steps too
+            self.guard.passed(self.parameters())
+        self._step_finite = True
 
     # ---- logging --------------------------------------------------------------------------------------------
 
@@ -313,6 +323,7 @@ class DistillModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint of another student/teacher width fails here, naming the shapes, not deep in load_state_dict.
         check_state_shapes(self, checkpoint["state_dict"])
+        retune_saved_optimizer(self.optim_cfg, checkpoint)  # a resumed run takes the learning rate it is given
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self.optim_cfg.schedule == "cosine" else 1

@@ -94,3 +94,14 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     return tmp_path
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Fail the test if any model weights load: the input under test must be refused before that."""
+    import oprd.module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was validated")
+
+    monkeypatch.setattr(oprd.module, "load_model", refuse)

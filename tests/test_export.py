@@ -56,18 +56,37 @@ def test_export_loads_and_generates_what_the_checkpointed_student_generates(chec
 
 
 def test_export_refuses_a_non_empty_folder_unless_asked(checkpoint, tmp_path):
-    (tmp_path / "notes.txt").write_text("my model")
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "notes.txt").write_text("my model")
     with pytest.raises(FileExistsError, match="not empty"):
-        main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path)])
-    assert (tmp_path / "notes.txt").read_text() == "my model"
-    main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path), "--overwrite"])
-    assert not (tmp_path / "notes.txt").exists() and (tmp_path / "config.json").exists()
-    assert not list(tmp_path.parent.glob(f".{tmp_path.name}-*"))  # no staging folder left behind
+        main(["export", "--ckpt_path", str(checkpoint), "--out", str(out), "--debug"])
+    assert (out / "notes.txt").read_text() == "my model"
+    # --overwrite replaces an earlier export only, never other files.
+    with pytest.raises(FileExistsError, match=r"holds files that no `oprd export` wrote \(notes\.txt\)"):
+        main(["export", "--ckpt_path", str(checkpoint), "--out", str(out), "--overwrite", "--debug"])
+    assert (out / "notes.txt").read_text() == "my model"
+    (out / "notes.txt").unlink()
+    main(["export", "--ckpt_path", str(checkpoint), "--out", str(out)])
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    main(["export", "--ckpt_path", str(checkpoint), "--out", str(out), "--overwrite"])
+    assert (out / "config.json").exists() and (out / "model.safetensors").stat().st_mtime_ns > first
+    assert not [p for p in tmp_path.iterdir() if p.name != "student"]  # no staging or retired folder left behind
+
+
+def test_export_overwrite_never_deletes_the_checkpoint_it_exports(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    source = run / "checkpoints/last.ckpt"
+    source.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(FileExistsError, match=r"checkpoints/last\.ckpt"):
+        main(["export", "--ckpt_path", str(source), "--out", str(run), "--overwrite", "--debug"])
+    assert source.read_bytes() == checkpoint.read_bytes()
 
 
 def test_export_errors_name_the_problem(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "a")])
+        main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "a"), "--debug"])
     # A config whose student is narrower than the checkpoint's: the shapes are named, nothing is written.
     config = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     config["model"]["student"]["config"]["hidden_size"] = 16
@@ -75,7 +94,8 @@ def test_export_errors_name_the_problem(checkpoint, tmp_path):
     narrow.write_text(yaml.safe_dump(config))
     shapes = r"model\.embed_tokens\.weight is \[384, 32\] in checkpoint .* but \[384, 16\]"
     with pytest.raises(ValueError, match=shapes):
-        main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "b"), "--config", str(narrow)])
+        main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "b"), "--config", str(narrow),
+              "--debug"])  # fmt: skip
     assert not (tmp_path / "b").exists()
 
 

@@ -183,16 +183,6 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
 # ---- bad input: a clear error before any weights load (the other cases live in test_data / test_align / test_losses)
 
 
-@pytest.fixture
-def no_weight_loading(monkeypatch):
-    import oprd.module
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the input was validated")
-
-    monkeypatch.setattr(oprd.module, "load_model", refuse)
-
-
 def save_model_folder(folder: Path, vocab_size: int) -> str:
     from transformers import LlamaConfig
 
@@ -245,4 +235,4 @@ def test_a_bad_prompt_file_fails_before_any_model_loads(tmp_path, no_weight_load
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Hi"}\n{"question": "no prompt key"}\n')
     with pytest.raises(ValueError, match=r'prompts\.jsonl:2: missing a non-empty "prompt"'):
-        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train", str(prompts)])
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train", str(prompts), "--debug"])

@@ -101,6 +101,7 @@ def _specs():
         tokenizer="tiny",
         rollout=RolloutConfig(max_new_tokens=10),
         optim=OptimConfig(lr=1e-3),
+        max_prompt_length=64,  # the tiny models hold 256 positions
     )
 
 

@@ -103,6 +103,8 @@ class HiddenLossConfig:
             raise ValueError(f"Unknown hidden loss {self.kind!r}; valid names: {', '.join(HIDDEN_KINDS)}.")
         if self.positions not in POSITIONS:
             raise ValueError(f"Unknown positions {self.positions!r}; valid names: {', '.join(POSITIONS)}.")
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1 (positions={self.positions!r} keeps k tokens), got {self.k}.")
 
 
 def hidden_loss_sums(

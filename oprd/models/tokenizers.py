@@ -65,6 +65,18 @@ def check_vocab(tokenizer, config: PretrainedConfig, who: str) -> None:
         )
 
 
+def check_positions(max_prompt_length: int, max_new_tokens: int, *configs: PretrainedConfig) -> None:
+    """Prompt plus response must fit the models' position limit (`max_position_embeddings`), or a run would fail (or
+    ask for the memory of a far longer sequence) only when a long prompt arrives."""
+    limits = [c.max_position_embeddings for c in configs if getattr(c, "max_position_embeddings", None)]
+    if limits and max_prompt_length + max_new_tokens > min(limits):
+        raise ValueError(
+            f"model.max_prompt_length ({max_prompt_length}) plus the longest response ({max_new_tokens} tokens) is "
+            f"{max_prompt_length + max_new_tokens} tokens, more than the models' position limit ({min(limits)}, "
+            "max_position_embeddings): lower --model.max_prompt_length or --model.rollout.max_new_tokens."
+        )
+
+
 def check_same_tokenizer(teacher_tok, student_tok) -> None:
     """Teacher and student must share a tokenizer: hidden states are compared position by position."""
     if teacher_tok.get_vocab() != student_tok.get_vocab():

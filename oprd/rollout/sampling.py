@@ -38,10 +38,16 @@ class RolloutConfig:
     """Rollout engine: `hf` (transformers `generate` on the live student), or a name given to `register_engine`."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.num_generations < 1:
-            raise ValueError("rollout.max_new_tokens and rollout.num_generations must be at least 1.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError("rollout.temperature must be > 0 when sampling; set do_sample: false for greedy.")
+            raise ValueError(
+                f"temperature must be > 0 when sampling, got {self.temperature}; set do_sample: false for greedy."
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}; 1.0 keeps the whole distribution.")
 
 
 @dataclass

@@ -109,6 +109,35 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(ckpt_path: str | Path, flag: str = "--ckpt_path") -> dict[str, Any]:
+    """Load an `oprd fit` checkpoint on the CPU (memory-mapped), with errors that say what is wrong.
+
+    Raises:
+        ValueError: a missing, empty, truncated or foreign file, named with the flag that gave it.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ValueError(
+            f"{flag} {path} does not exist; `oprd fit` writes checkpoints to <trainer.default_root_dir>/checkpoints "
+            "(`--ckpt_path last` picks the newest there)."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ... for files that are not one
+        size = path.stat().st_size
+        what = f"is not a readable checkpoint ({size} bytes, {type(err).__name__})" if size else "is empty (0 bytes)"
+        raise ValueError(
+            f"{flag} {path} {what}: it may have been cut short or be another kind of file. Use a `last.ckpt` that "
+            "`oprd fit` wrote."
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{flag} {path} is not a checkpoint of `oprd fit` (no state_dict and hyper_parameters).")
+    return checkpoint
+
+
 # ---- shape check --------------------------------------------------------------------------------------------------
 
 
@@ -124,8 +153,16 @@ def check_state_shapes(module: torch.nn.Module, state_dict: Mapping[str, Any], s
     own = module.state_dict()
     keys = [k for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
     # Projectors first: their `[d_T, d_S]` names both widths at once.
-    keys.sort(key=lambda k: not k.startswith("projectors."))
+    keys.sort(key=lambda k: "projectors." not in k)
     wrong = [f"{k} is {list(state_dict[k].shape)} in {source} but {list(own[k].shape)} in this model" for k in keys]
+    extra, missing = sorted(set(state_dict) - set(own)), sorted(set(own) - set(state_dict))
+    if extra or missing:
+        named = [f"holds {len(extra)} tensors this model does not have (e.g. {extra[0]})"] if extra else []
+        named += [f"lacks {len(missing)} of this model's tensors (e.g. {missing[0]})"] if missing else []
+        raise ValueError(
+            f"{source} {' and '.join(named)}: it was trained with another layer map, projector or model. Use the "
+            "model settings it was trained with (they are stored in it)."
+        )
     if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
         raise ValueError(

@@ -43,26 +43,76 @@ def describe_term(name: str) -> str:
 
 
 class NonFiniteGuard:
-    """What a run does when a loss or gradient is NaN or infinite: `stop` (after saving the last good state) or
-    `skip` the step, counting it.
+    """What a run does when a loss or gradient is NaN or infinite.
+
+    A loss goes non-finite because the previous update broke the weights (a learning rate too high, say): by then the
+    current weights are already bad. So after every step whose loss and gradients were finite, and before its update,
+    the guard copies the trainable weights to CPU memory (`keep_last_good`: one copy per step, 4 bytes per trainable
+    parameter in float32); a stop restores that copy before saving, so the saved checkpoint holds the last weights
+    that gave a finite loss.
 
     Args:
-        mode: `stop` or `skip`.
+        mode: `stop` (save the last good state, then raise) or `skip` the step (counted).
+        max_skips: with `skip`, stop after this many steps in a row were skipped: the weights are broken then, and
+            every later step would be skipped too.
+        keep_last_good: keep the CPU copy described above; without it a stop saves the current weights.
     """
 
-    def __init__(self, mode: NonFinite = "stop") -> None:
-        self.mode = mode
+    def __init__(self, mode: NonFinite = "stop", max_skips: int = 5, keep_last_good: bool = True) -> None:
+        self.mode, self.max_skips, self.keep_last_good = mode, max_skips, keep_last_good
         self.skipped = 0
+        self.in_a_row = 0
+        self._good: list[tuple[nn.Parameter, Tensor]] | None = None
 
-    def handle(self, trainer, what: str) -> None:
-        """Skip (count it; the caller drops the step) or stop with an error that names the step and the fix."""
-        if self.mode == "skip":
+    def passed(self, params: Iterable[nn.Parameter]) -> None:
+        """The step's loss and gradients were finite: its (not yet updated) weights are the last good ones."""
+        self.in_a_row = 0
+        if not self.keep_last_good:
+            return
+        if self._good is None:
+            self._good = [(p, _local(p).detach().to("cpu", copy=True)) for p in params if p.requires_grad]
+            return
+        for param, copy in self._good:
+            copy.copy_(_local(param).detach())
+
+    def failed(self, trainer, what: str, weights_broken: bool) -> None:
+        """Skip the step (returns; the caller drops it), or stop: restore the last good weights, save, raise.
+
+        Args:
+            what: the term or parameter that is not finite.
+            weights_broken: the loss (not only a gradient) is non-finite, so the current weights are already bad.
+        """
+        if self.mode == "skip" and self.in_a_row + 1 < self.max_skips:
+            self.in_a_row += 1
             self.skipped += 1
             return
         step = trainer.global_step
+        why = f"Step {step}: {what}"
+        if self.mode == "skip":
+            why += (
+                f"; {self.max_skips} steps in a row were not finite (model.nonfinite_max_skips): the weights no longer "
+                "give finite losses"
+            )
+        saved = "the last weights whose loss and gradients were finite"
+        if weights_broken and self.keep_last_good:
+            if self._good is None:
+                raise FloatingPointError(
+                    f"{why}. No step had a finite loss and gradient yet, so nothing was saved: check the models and "
+                    "data, or lower the learning rate."
+                )
+            with torch.no_grad():
+                for param, copy in self._good:
+                    _local(param).copy_(copy)
+        elif weights_broken:
+            saved = "the current weights (already changed by the update that broke the loss: keep_last_good is off)"
         path = Path(trainer.default_root_dir) / f"nonfinite-step{step}-last-good.ckpt"
-        trainer.save_checkpoint(path)  # the bad update was not applied: these weights are the last good ones
+        trainer.save_checkpoint(path, weights_only=False)
         raise FloatingPointError(
-            f"Step {step}: {what}. Saved the last good state to {path}. Lower the learning rate, set "
-            "`model.nonfinite: skip` to skip such steps, or resume from the checkpoint with --ckpt_path."
+            f"{why}. Saved {saved} to {path}. Lower the learning rate (--model.optim.lr) and resume from it with "
+            "--ckpt_path, or set `model.nonfinite: skip` to skip such steps."
         )
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -28,6 +28,18 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     """Decay after warm-up: cosine to zero over the run, or constant."""
 
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}: the student's learning rate (e.g. 1e-5).")
+        if self.projector_lr is not None and not self.projector_lr > 0:
+            raise ValueError(f"projector_lr must be > 0 or null (same as lr), got {self.projector_lr}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)} (AdamW's default: [0.9, 0.999]).")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+
 
 def build_optimizer(
     config: OptimConfig, student: Iterable[nn.Parameter], objective: Iterable[nn.Parameter], total_steps: int
@@ -47,3 +59,23 @@ def build_optimizer(
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def retune_saved_optimizer(config: OptimConfig, checkpoint: dict) -> None:
+    """Make a resumed run use `config`'s learning rates, betas and weight decay.
+
+    Lightning restores the saved optimizer and scheduler states over what `configure_optimizers` built, so without
+    this a run resumed with `--model.optim.lr 1e-6` would go on at the old rate. The schedule position is kept: the
+    current rate keeps its ratio to the base rate. Groups whose settings are unchanged are left bit for bit as saved.
+    """
+    rates = [config.lr, config.projector_lr or config.lr]
+    for state in checkpoint.get("optimizer_states", []):
+        for group, rate in zip(state.get("param_groups", []), rates, strict=False):
+            base = group.get("initial_lr", group["lr"])
+            if base != rate:
+                group["lr"] = rate * (group["lr"] / base if base else 1.0)
+                group["initial_lr"] = rate
+            group.update(betas=tuple(config.betas), weight_decay=config.weight_decay)
+    for state in checkpoint.get("lr_schedulers", []):
+        if "base_lrs" in state:
+            state["base_lrs"] = rates[: len(state["base_lrs"])]

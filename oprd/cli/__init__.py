@@ -1,0 +1,6 @@
+"""The `oprd` command: LightningCLI subcommands (`main`), the checks that run before any model loads (`preflight`),
+one-line errors (`errors`), and the `export` subcommand."""
+
+from oprd.cli.main import OprdCLI, main
+
+__all__ = ["OprdCLI", "main"]

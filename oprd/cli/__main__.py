@@ -1,0 +1,3 @@
+from oprd.cli.main import main
+
+main()

@@ -1,0 +1,85 @@
+"""What a user sees when a command fails on their input: the line that matters, a "did you mean", and where the full
+traceback is (`--debug`), instead of a usage dump or a 100-line traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+import typing
+
+import lightning as L
+
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, argparse.ArgumentError)
+"""Errors that describe bad input or a diverged run (their messages say what to do); anything else is a bug and keeps
+its traceback."""
+
+
+def known_keys() -> list[str]:
+    """Every dotted setting `oprd fit` accepts (`model.optim.lr`, `data.batch_size`, `trainer.max_steps`, ...)."""
+    from oprd.data import PromptDataModule
+    from oprd.module import DistillModule
+    from oprd.training.checkpoint import ResumableCheckpoint
+
+    keys = ["config", "ckpt_path", "seed_everything"]
+    for prefix, cls in (
+        ("model", DistillModule),
+        ("data", PromptDataModule),
+        ("trainer", L.Trainer),
+        ("checkpoint", ResumableCheckpoint),
+    ):
+        keys += _keys(prefix, cls.__init__)
+    return keys
+
+
+def _keys(prefix: str, init) -> list[str]:
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # a third-party annotation that does not resolve: names only
+        hints = {}
+    keys = []
+    for name in inspect.signature(init).parameters:
+        if name in ("self", "args", "kwargs"):
+            continue
+        keys.append(f"{prefix}.{name}")
+        for option in typing.get_args(hints.get(name)) or (hints.get(name),):
+            if dataclasses.is_dataclass(option):
+                keys += [f"{prefix}.{name}.{field.name}" for field in dataclasses.fields(option)]
+    return keys
+
+
+def suggestion(message: str) -> str | None:
+    """`did you mean --model.hidden_loss.kind?` for the first unknown dotted key a parser message names."""
+    names = re.findall(r"(?:--|')([a-z_]+(?:\.[a-z_0-9]+)+)", message)
+    keys = known_keys()
+    for name in names:
+        if name not in keys:
+            close = difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+            if close:
+                return f"did you mean --{close[0]}?"
+    return None
+
+
+def summary(message: str) -> str:
+    """The line of a (possibly nested, multi-line) parser or loader error that says what is wrong."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if not lines:
+        return "failed"
+    detail = next((line for line in lines[1:] if line.startswith("- Problem with")), None)
+    if detail is not None:
+        following = lines[lines.index(detail) + 1 : lines.index(detail) + 2]
+        return " ".join([lines[0], detail.removeprefix("- "), *following])
+    return lines[0]
+
+
+def report(error: BaseException, command: str) -> None:
+    """Print `oprd <command>: error: ...`, a suggestion when there is one, and how to see more."""
+    message = summary(str(error))
+    print(f"oprd {command}: error: {message}".rstrip(), file=sys.stderr)
+    hint = suggestion(str(error))
+    if hint:
+        print(f"  {hint}", file=sys.stderr)
+    print(f"  (`oprd {command} --help` lists every option; add --debug for the full traceback)", file=sys.stderr)
