@@ -14,7 +14,6 @@ run on are shared and noisy).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -22,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,38 +138,6 @@ def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, i
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
     """Peak memory increase while `fn()` runs, on CUDA or CPU (see the module docstring)."""
     return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
-
-
-def storage_key(tensor: torch.Tensor) -> tuple[int, int]:
-    storage = tensor.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
-
-
-class SavedBytes:
-    """Count bytes of unique storages saved for backward inside the context, ignoring `existing` tensors' storages.
-
-    Args:
-        existing: tensors (inputs, parameters) whose storages live anyway and so are not charged to the region.
-    """
-
-    def __init__(self, existing: Iterable[torch.Tensor] = ()):
-        self.skip = {storage_key(t) for t in existing}
-        self.seen: dict[tuple[int, int], int] = {}
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = storage_key(tensor)
-        if key not in self.skip and key[1] > 0:
-            self.seen[key] = key[1]
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-    @contextlib.contextmanager
-    def track(self) -> Iterator[SavedBytes]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
-            yield self
 
 
 # ---- results ------------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from benchmarks.common import (
     DEFAULT_OUT,
     GIB,
     MIB,
-    SavedBytes,
     add_threads_argument,
     apply_threads,
     markdown_table,
@@ -49,6 +48,7 @@ from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums
 from oprd.losses.lm_head import chunked_token_loss_sum, dense_token_loss_sum
 from oprd.losses.token import TokenLossConfig
 from oprd.objective.projectors import Projectors, pair_label
+from oprd.training.throughput import SavedBytes
 
 NAME = "loss_memory"
 GRIDS = {

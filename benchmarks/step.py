@@ -39,7 +39,6 @@ from torch import Tensor
 from benchmarks.common import (
     DEFAULT_OUT,
     MIB,
-    SavedBytes,
     add_threads_argument,
     apply_threads,
     markdown_table,
@@ -60,6 +59,7 @@ from oprd.models import DTYPES
 from oprd.models.capture import HiddenCapture, forward_inputs
 from oprd.module import DistillModule
 from oprd.rollout import Rollout, RolloutConfig
+from oprd.training.throughput import SavedBytes
 
 NAME = "step"
 FULL_TEACHER = "oprd_full_teacher"

@@ -21,7 +21,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = ("arithmetic",)
+BUILTIN_SOURCES = ("arithmetic", "arithmetic-rephrased")
+REPHRASINGS = (
+    "Add {a} and {b}.",
+    "What's {a}+{b}?",
+    "Compute {a} + {b}.",
+    "What do you get when you add {a} to {b}?",
+    "Calculate the sum of {a} and {b}.",
+    "Tom has {a} apples and buys {b} more. How many apples does he have now?",
+    "A shelf holds {a} books and {b} more are put on it. How many books are on the shelf?",
+    "{a} plus {b} equals what?",
+)
+"""Other ways to ask "What is a plus b?": a held-out check that distillation taught addition, not one phrasing."""
 
 
 def arithmetic_examples(split: str = "train", seed: int = 0, num_val: int = 100, low: int = 1, high: int = 20):
@@ -39,6 +50,16 @@ def arithmetic_examples(split: str = "train", seed: int = 0, num_val: int = 100,
     random.Random(seed).shuffle(pairs)
     chosen = pairs[:num_val] if split == "val" else pairs[num_val:]
     return [{"prompt": f"What is {a} plus {b}?", "answer": str(a + b)} for a, b in chosen]
+
+
+def rephrased_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
+    """The same pairs and splits as `arithmetic_examples`, each asked in one of `REPHRASINGS` (in turn)."""
+    items = arithmetic_examples(split, seed=seed, num_val=num_val)
+    pairs = [item["prompt"].removeprefix("What is ").removesuffix("?").split(" plus ") for item in items]
+    return [
+        {"prompt": REPHRASINGS[i % len(REPHRASINGS)].format(a=a, b=b), "answer": item["answer"]}
+        for i, ((a, b), item) in enumerate(zip(pairs, items, strict=True))
+    ]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -85,8 +106,10 @@ def _check_item(item: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
     """Load prompts from a built-in name, a `.jsonl` file or a folder written by `datasets.save_to_disk`."""
-    if source in BUILTIN_SOURCES:
+    if source == "arithmetic":
         return arithmetic_examples(split, seed=seed, num_val=num_val)
+    if source == "arithmetic-rephrased":
+        return rephrased_examples(split, seed=seed, num_val=num_val)
     path = Path(source)
     if path.is_dir():
         return _load_hf_folder(path, split)

@@ -13,9 +13,11 @@ from oprd.models import ModelSpec, load_config, load_model
 from tests import wandb_reader
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The shipped configs and the candidate objectives of the quality sweep (benchmarks/RESULTS.md).
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "benchmarks/objectives").glob("*.yaml"))
 # Objective fragments hold no models: they compose with a model config.
 FRAGMENTS = [p for p in CONFIGS if "teacher:" not in p.read_text()]
+TOKEN_FRAGMENTS = [p for p in FRAGMENTS if (yaml.safe_load(p.read_text())["model"].get("token_loss"))]
 OPRD = Path(sys.executable).parent / "oprd"
 
 
@@ -126,7 +128,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
     assert config["layer_map"] == "uniform" and config["rollout"]["max_new_tokens"] == 16
 
 
-@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("fragment", TOKEN_FRAGMENTS, ids=lambda p: p.name)
 def test_objective_fragments_train_and_log_token_kl(fragment, tmp_path):
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(fragment), "--trainer.max_steps", "3",
           "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(tmp_path),

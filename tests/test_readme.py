@@ -47,7 +47,7 @@ def on_tiny(command: str) -> list[str]:
 
 def test_the_readme_shows_every_subcommand():
     shown = {shlex.split(c)[1] for c in readme_commands()}
-    assert {"fit", "validate", "predict", "export"} <= shown
+    assert {"fit", "validate", "predict", "export", "compare"} <= shown
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def test_readme_command_runs_and_does_what_it_says(command, folder):
         assert "val/reverse_kl" in output and "val/accuracy" in output
     elif words[1] == "predict":
         assert (folder / "runs/tiny/predictions.jsonl").read_text().count("\n") >= 1
+    elif words[1] == "compare":
+        assert (folder / "runs/compare/compare.json").is_file() and "oprd compare:" in output
     elif words[1] == "export":
         out = words[words.index("--out") + 1]
         assert (folder / out / "config.json").is_file() and (folder / out / "model.safetensors").is_file()

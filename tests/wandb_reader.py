@@ -57,3 +57,12 @@ def config(run_dir: Path) -> dict:
             for item in record.config.update:
                 merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return merged
+
+
+def run(run_dir: Path) -> dict:
+    """The run's name, group and project, from its run record."""
+    (log,) = Path(run_dir).glob("*.wandb")
+    for record in records(log):
+        if record.WhichOneof("record_type") == "run":
+            return {"name": record.run.display_name, "group": record.run.run_group, "project": record.run.project}
+    raise AssertionError(f"{log} holds no run record")

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from oprd.cli import errors, preflight
+from oprd.cli.compare import compare_main
 from oprd.data import PromptDataModule
 from oprd.export import DESCRIPTION as EXPORT_DESCRIPTION
 from oprd.export import export_main
@@ -22,7 +23,10 @@ from oprd.parallel.sharding import register_strategies
 from oprd.training.checkpoint import ResumableCheckpoint
 
 log = logging.getLogger("oprd")
-EPILOG = f"Also: `oprd export --help`: {EXPORT_DESCRIPTION}"
+EPILOG = (
+    f"Also: `oprd export --help`: {EXPORT_DESCRIPTION} `oprd compare --help`: compare objectives (hidden-state vs "
+    "logit distillation) on one pair, each at its best learning rate."
+)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -59,7 +63,8 @@ class OprdCLI(LightningCLI):
             preflight.check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        subcommand = self.subcommand or "fit"  # no subcommand: built to be run by the caller (`oprd compare`)
+        config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and os.path.isfile(ckpt_path):
             saved = config.model  # what LightningCLI made of the checkpoint's hyper-parameters
@@ -67,7 +72,7 @@ class OprdCLI(LightningCLI):
             config.model = self.given_model
             for key in taken:
                 config.model[key] = saved[key]
-        preflight.check_config(self.subcommand, config)
+        preflight.check_config(subcommand, config)
         root = config.trainer.default_root_dir or os.getcwd()
         # One folder for every run's checkpoints, so `--ckpt_path last` finds the previous run's `last.ckpt`
         # (Lightning's default is the logger's version folder, which changes on every run).
@@ -116,6 +121,23 @@ def _quiet_startup() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+def build_cli(args: list[str] | None, parser_kwargs: dict | None = None) -> OprdCLI:
+    """The `oprd` LightningCLI. With `parser_kwargs` it has the subcommands and runs one; without, it parses `fit`'s
+    arguments and builds the model, data and Trainer for the caller to run (`cli.trainer.fit(cli.model, ...)`)."""
+    register_strategies()
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # every config field's docstring in --help
+    return OprdCLI(
+        DistillModule,
+        PromptDataModule,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, **(parser_kwargs or {})},
+        args=args,
+        run=parser_kwargs is not None,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """`oprd <subcommand> ...`; `--debug` anywhere shows full tracebacks instead of one-line errors."""
     # Tokenizers' thread pool forks badly under DataLoader workers and prints a warning per process.
@@ -132,20 +154,13 @@ def main(args: list[str] | None = None) -> None:
         if command == "export":
             export_main(argv[1:])
             return
-        register_strategies()
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # every config field's docstring in --help
+        if command == "compare":
+            compare_main(argv[1:])
+            return
         # A short usage line: the options follow, oprd's (model, data) first, each with its description.
         usage = "%(prog)s [--config CONFIG.yaml ...] [--model.* / --data.* / --trainer.* options]"
         parser_kwargs = {sub: {"exit_on_error": False, "usage": usage} for sub in SUBCOMMANDS}
-        OprdCLI(
-            DistillModule,
-            PromptDataModule,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"epilog": EPILOG, "exit_on_error": False, **parser_kwargs},
-            args=None if args is None else argv,
-        )
+        build_cli(None if args is None else argv, parser_kwargs={"epilog": EPILOG, **parser_kwargs})
     except SIGTERMException:
         # The checkpoint is saved; exit as a terminated process does, so schedulers do not mistake it for success.
         sys.exit(128 + signal.SIGTERM)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from oprd.evaluation.metrics import accuracy, distinct_n, is_correct, repetition_rate
+from oprd.losses.hidden import mean_cosine
 from oprd.models.capture import NORM
 
 Responder = Literal["student", "teacher"]
@@ -49,6 +50,8 @@ def score(
         if module.objective.pairs:
             metrics["hidden"] = values["hidden"]
             metrics.update({k: v for k, v in values.items() if k.startswith("cos/")})
+        if student[NORM].shape[-1] == teacher[NORM].shape[-1]:  # comparable without a projection: equal widths
+            metrics["cos_final"] = mean_cosine(student[NORM], teacher[NORM], roll.response_mask)
     metrics["response_length"] = roll.response_lengths.float().mean()
     metrics["distinct_4"] = torch.tensor(distinct_n(texts, 4))
     metrics["repetition"] = torch.tensor(sum(repetition_rate(t, 4) for t in texts) / len(texts))

@@ -21,8 +21,9 @@ from einops import reduce
 from torch import Tensor
 
 from oprd.losses.masking import masked_mean, masked_sum
+from oprd.losses.weighting import LayerWeights
 
-HiddenKind = Literal["mse", "cosine", "normalized_mse"]
+HiddenKind = Literal["mse", "cosine", "normalized_mse", "standardized_mse"]
 Positions = Literal["all", "last_k", "first_k"]
 HIDDEN_KINDS: tuple[str, ...] = get_args(HiddenKind)
 POSITIONS: tuple[str, ...] = get_args(Positions)
@@ -78,6 +79,17 @@ def hidden_normalized_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Ten
     return masked_sum(per_token, mask)
 
 
+def hidden_standardized_mse(student: Tensor, teacher: Tensor, mask: Tensor, std: Tensor) -> Tensor:
+    """Per-dimension squared error in units of the teacher's standard deviation, summed over kept tokens:
+    sum_t m_t mean_d ((s_td - t_td) / std_d)^2.
+
+    Args:
+        std: `[d]` the teacher's standard deviation per dimension (`oprd.objective.statistics.RunningMoments`).
+    """
+    per_token = reduce(((student - teacher.detach()) / std.detach()).pow(2), "b t d -> b t", "mean")
+    return masked_sum(per_token, mask)
+
+
 HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine, "normalized_mse": hidden_normalized_mse}
 
 
@@ -92,11 +104,15 @@ class HiddenLossConfig:
     """How the student's projected hidden states are compared with the teacher's."""
 
     kind: HiddenKind = "mse"
-    """`mse` (OPRD's per-dimension squared error), `cosine` (1 - cos) or `normalized_mse` (OPRD-Bridge)."""
+    """`mse` (OPRD's per-dimension squared error), `cosine` (1 - cos), `normalized_mse` (OPRD-Bridge) or
+    `standardized_mse` (each dimension's error over the teacher's running standard deviation in it)."""
     positions: Positions = "all"
     """Which response positions count: `all`, the first k (`first_k`) or the last k (`last_k`)."""
     k: int = 1
     """k for `first_k` / `last_k`."""
+    layer_weights: LayerWeights = "uniform"
+    """How the layer pairs' terms add up: `uniform` mean, `late` (deeper layers weigh more), `balanced` (each layer's
+    term rescaled to the mean by a detached ratio) or `learned` (uncertainty weighting, Kendall et al. 2018)."""
 
     def __post_init__(self) -> None:
         if self.kind not in HIDDEN_KINDS:
@@ -108,7 +124,11 @@ class HiddenLossConfig:
 
 
 def hidden_loss_sums(
-    student: dict[str, Tensor], teacher: dict[str, Tensor], mask: Tensor, config: HiddenLossConfig
+    student: dict[str, Tensor],
+    teacher: dict[str, Tensor],
+    mask: Tensor,
+    config: HiddenLossConfig,
+    stds: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-pair summed hidden loss over the selected response tokens.
 
@@ -117,10 +137,18 @@ def hidden_loss_sums(
         teacher: pair label -> `[b, t, d]` teacher states.
         mask: `[b, t]` response mask.
         config: loss kind and position selection.
+        stds: pair label -> `[d]` teacher standard deviations (`standardized_mse` only).
 
     Returns:
         pair label -> scalar sum (divide by the step's token count, then average over pairs).
     """
     keep = select_positions(mask, config.positions, config.k)
+    if config.kind == "standardized_mse":
+        if stds is None:
+            raise ValueError("hidden_loss kind 'standardized_mse' needs the teacher's standard deviations (stds).")
+        return {
+            label: hidden_standardized_mse(student[label].float(), teacher[label].float(), keep, stds[label])
+            for label in student
+        }
     fn = HIDDEN_LOSSES[config.kind]
     return {label: fn(student[label].float(), teacher[label].float(), keep) for label in student}

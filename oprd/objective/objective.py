@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums, mean_cosine
 from oprd.losses.lm_head import Head, token_loss_sum_from_hidden
 from oprd.losses.token import TokenLossConfig, with_model_logit_transforms
+from oprd.losses.weighting import LayerWeighting
 from oprd.models.capture import NORM, Point
 from oprd.objective.projectors import Projectors
+from oprd.objective.statistics import RunningMoments
 from oprd.rollout.sampling import Rollout
 
 EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
@@ -128,6 +130,11 @@ class Objective(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # projectors between unequal widths start random: make that reproducible
             self.projectors = Projectors(self.pairs, student_config.hidden_size, teacher_config.hidden_size)
+        self.layer_weighting = LayerWeighting(hidden_loss.layer_weights, len(self.pairs))
+        self.moments = None
+        if hidden_loss.kind == "standardized_mse":
+            width = teacher_config.hidden_size
+            self.moments = nn.ModuleDict({label: RunningMoments(width) for label in self.projectors.labels})
 
     @property
     def needs_head(self) -> bool:
@@ -164,11 +171,13 @@ class Objective(nn.Module):
         if self.pairs:
             projected = self.projectors(student)
             targets = {label: teacher[t] for label, (_, t) in zip(self.projectors.labels, self.pairs, strict=True)}
-            terms.pairs = hidden_loss_sums(projected, targets, roll.response_mask, self.hidden_loss)
+            stds = None if self.moments is None else self.teacher_stds(targets, roll.response_mask)
+            terms.pairs = hidden_loss_sums(projected, targets, roll.response_mask, self.hidden_loss, stds)
             terms.cosine = {
                 label: mean_cosine(projected[label], targets[label], roll.response_mask) for label in terms.pairs
             }
-            terms.hidden = torch.stack(list(terms.pairs.values())).mean()
+            sums = torch.stack(list(terms.pairs.values()))
+            terms.hidden = self.layer_weighting(sums, roll.response_mask.sum())
         terms.loss = self.hidden_weight * terms.hidden
         if token_loss is not None:
             if heads is None:
@@ -180,6 +189,14 @@ class Objective(nn.Module):
             terms.token_weight = self.token_weight
             terms.loss = self.token_weight * terms.token + terms.hidden_weight * terms.hidden
         return terms
+
+    def teacher_stds(self, targets: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        """Per pair, the teacher's running standard deviation per dimension `[d_t]`, first updated with this batch's
+        teacher states when the objective trains (train mode, gradients on): held-out scoring never moves it."""
+        if self.training and torch.is_grad_enabled():
+            for label, states in targets.items():
+                self.moments[label].update(states, mask)
+        return {label: self.moments[label].std() for label in targets}
 
     def token_sum(
         self, student_norm: Tensor, teacher_norm: Tensor, roll: Rollout, heads: Heads, config: TokenLossConfig

@@ -13,9 +13,11 @@ Each rank measures its own; the logger records rank 0's.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -72,3 +74,35 @@ class StepMeter:
         # CUDA kernels run asynchronously: without a sync the clock stops before the work does.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+class SavedBytes:
+    """Count bytes of unique storages saved for backward inside the context, ignoring `existing` tensors' storages.
+
+    Args:
+        existing: tensors (inputs, parameters) whose storages live anyway and so are not charged to the region.
+    """
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+        self.skip = {storage_key(t) for t in existing}
+        self.seen: dict[tuple[int, int], int] = {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = storage_key(tensor)
+        if key not in self.skip and key[1] > 0:
+            self.seen[key] = key[1]
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[SavedBytes]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            yield self

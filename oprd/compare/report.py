@@ -1,0 +1,114 @@
+"""What `oprd compare` shows and writes: a table in the terminal, `compare.json` and `compare.png`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from oprd.compare.probe import METRICS
+
+
+def print_table(result: dict[str, Any], console: Console | None = None) -> None:
+    """One row per objective: its chosen learning rate, test-split metrics, cost; then the final-only sets."""
+    console = console or Console()
+    summary = result["summary"]
+    chosen = summary["objectives"]
+    title = "oprd compare: held-out test split, each objective at the learning rate chosen on the selection split"
+    if summary["one_shared_learning_rate"]:
+        title = "oprd compare: held-out test split, every objective at one shared learning rate (not tuned)"
+    table = Table(title=title, caption=f"lr chosen by {summary['select']} on the selection split; " + _legend())
+    for column in ["objective", "lr", "steps", *HEADERS.values(), "s/step", "MiB"]:
+        table.add_column(column, justify="left" if column == "objective" else "right")
+    for objective, entry in chosen.items():
+        table.add_row(
+            objective,
+            _number(entry["lr"]),
+            str(entry["steps"]),
+            *(_number(entry["test"].get(m)) for m in METRICS),
+            _number(entry["update_s"]),
+            _number(entry["update_mib"]),
+        )
+    console.print(table)
+    for split in dict.fromkeys(split for entry in chosen.values() for split in entry["final_only"]):
+        sub = Table(title=f"final weights on {split}")
+        for column in ("objective", *HEADERS.values()):
+            sub.add_column(column, justify="left" if column == "objective" else "right")
+        for objective, entry in chosen.items():
+            if split in entry["final_only"]:
+                sub.add_row(objective, *(_number(entry["final_only"][split].get(m)) for m in METRICS))
+        console.print(sub)
+
+
+HEADERS = {
+    "reverse_kl": "KL",
+    "accuracy": "acc",
+    "repetition": "rep",
+    "distinct_4": "dist4",
+    "cos": "cos",
+    "response_length": "len",
+}
+
+
+def _legend() -> str:
+    return (
+        "KL: teacher-scored reverse KL per token; acc: accuracy; rep: repetition; dist4: distinct-4; cos: cosine to "
+        "the teacher; len: response tokens; s/step: update seconds; MiB: update memory (CPU: saved for backward)."
+    )
+
+
+def _number(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """Held-out KL and accuracy vs step and vs training seconds, per run; update memory per objective.
+
+    Returns None (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in result["rows"] if r["split"] == "test"]
+    runs = sorted({(r["objective"], r["lr"]) for r in rows}, key=str)
+    panels = [("step", "reverse_kl"), ("train_s", "reverse_kl"), ("step", "accuracy"), ("step", "repetition")]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.8))
+    chosen = result["summary"]["objectives"]
+    colors = {objective: f"C{i}" for i, objective in enumerate(chosen)}
+    for ax, (x, y) in zip(axes, panels, strict=False):
+        for objective, lr in runs:
+            curve = [r for r in rows if r["objective"] == objective and r["lr"] == lr and r.get(y) is not None]
+            best = chosen[objective]["lr"] == lr
+            label = f"{objective} lr={_number(lr)}" + (" (chosen)" if best else "")
+            ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", markersize=3, label=label,
+                    color=colors[objective], linewidth=2 if best else 0.8, alpha=1 if best else 0.4,
+                    linestyle="-" if best else "--")  # fmt: skip
+        ax.set_xlabel("training seconds (ratios only)" if x == "train_s" else "optimizer step")
+        ax.set_title(f"test split: {y}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if y == "reverse_kl":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=6)
+    names = list(chosen)
+    axes[-1].bar(names, [chosen[n]["update_mib"] or 0 for n in names], color="tab:purple")
+    axes[-1].set_title("update memory (MiB; CPU: saved for backward)", fontsize=9)
+    axes[-1].tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

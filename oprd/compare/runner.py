@@ -1,0 +1,198 @@
+"""`oprd compare`: the same fit, once per objective and learning rate, on the same student, prompts and seeds.
+
+Each run is an `oprd fit` of the user's config plus an objective fragment (`configs/opd.yaml`, or any YAML file)
+and a learning rate, built by the same CLI as `fit` (so anything `fit` can train can be compared), with a
+`CompareProbe` in place of the run's report callbacks and one W&B run per objective and rate, in one W&B group.
+Every run starts from the same student weights and sees the prompts in the same order with the same rollout seeds.
+The held-out prompts are split in two: the learning rate of each objective is chosen on the `selection` half and
+reported on the `test` half.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.loggers import WandbLogger
+
+from oprd.compare.probe import CompareProbe
+from oprd.data import load_prompts
+from oprd.evaluation.report import DistillReport
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"reverse_kl", "repetition"}
+FRAGMENTS = Path(__file__).resolve().parents[2] / "configs"
+"""The repository's objective fragments (`opd`, `opd_topk`, `mix`, `oprd`, ...), for a source checkout."""
+
+
+@dataclass
+class CompareSettings:
+    """What to compare and how (see `oprd compare --help`)."""
+
+    configs: list[str]
+    """The `fit` config(s) of the pair, data and trainer."""
+    objectives: list[str] = field(default_factory=lambda: ["oprd", "opd"])
+    """Objective fragments: names in `configs/` (`oprd`, `opd`, `opd_topk`, `mix`) or YAML paths (named after the
+    file, `benchmarks/objectives/oprd_std.yaml` -> `oprd_std`)."""
+    lrs: dict[str, list[float]] = field(default_factory=dict)
+    """Learning rates per objective (`*`: every objective); none given: the config's own."""
+    steps: int | None = None
+    """Optimizer steps per run (None: the config's `trainer.max_steps`)."""
+    eval_every: int | None = None
+    """Steps between held-out evaluations (None: a fifth of the steps)."""
+    budget: Literal["steps", "time"] = "steps"
+    """`steps`: equal steps; `time`: equal training seconds (`time_s`), steps capped by `steps`."""
+    time_s: float | None = None
+    """Training seconds per run with `budget: time`."""
+    eval_prompts: int = 64
+    """Held-out prompts scored (half pick the learning rate, half report it)."""
+    select: str = "reverse_kl"
+    """The selection-split metric that picks each objective's learning rate."""
+    final_heldout: list[str] = field(default_factory=list)
+    """Other prompt sources scored once on the final weights of every run (e.g. `arithmetic-rephrased`)."""
+    out: Path = Path("runs/compare")
+    """Results folder: `compare.json`, `compare.png`, and one folder per run."""
+    extra: list[str] = field(default_factory=list)
+    """Flags passed to every run's `fit` (e.g. `--data.batch_size 4`)."""
+    group: str = field(default_factory=lambda: time.strftime("compare-%Y%m%d-%H%M%S"))
+    """The W&B group of the runs."""
+
+    def __post_init__(self) -> None:
+        if not self.configs:
+            raise ValueError("oprd compare needs a --config (the pair, data and trainer settings).")
+        if self.budget == "time" and not (self.time_s and self.time_s > 0):
+            raise ValueError("--budget time needs --time_s, the training seconds each run gets (e.g. --time_s 600).")
+        for name in ("steps", "eval_every", "eval_prompts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}.")
+        if self.eval_prompts < 2:
+            raise ValueError("--eval_prompts must be >= 2: half pick the learning rate, half report it.")
+        self.fragments = {label(objective): fragment(objective) for objective in self.objectives}
+        self.objectives = list(self.fragments)
+        unknown = set(self.lrs) - set(self.objectives) - {"*"}
+        if unknown:
+            raise ValueError(f"--lr names {sorted(unknown)}, which are not among --objectives {self.objectives}.")
+
+
+def label(objective: str) -> str:
+    """An objective's name in tables, runs and `--lr name=...`: the file name of a YAML path, or the name itself."""
+    return Path(objective).stem if objective.endswith((".yaml", ".yml")) else objective
+
+
+def fragment(objective: str) -> Path:
+    """The YAML file of an objective: a path, or a name in `configs/` (of the working folder or the repository)."""
+    for candidate in (Path(objective), Path("configs") / f"{objective}.yaml", FRAGMENTS / f"{objective}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in FRAGMENTS.glob("*.yaml") if "teacher:" not in p.read_text())
+    raise ValueError(f"Objective {objective!r} is neither a YAML file nor one of configs/: {', '.join(names)}.")
+
+
+def learning_rates(settings: CompareSettings, objective: str) -> list[float | None]:
+    return settings.lrs.get(objective) or settings.lrs.get("*") or [None]
+
+
+def run_name(objective: str, lr: float | None) -> str:
+    return objective if lr is None else f"{objective}-lr{lr:g}"
+
+
+def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> list[str]:
+    """The `fit` arguments of one run."""
+    args = [word for config in settings.configs for word in ("--config", config)]
+    args += ["--config", str(settings.fragments[objective])]
+    root = settings.out / run_name(objective, lr)
+    args += ["--trainer.default_root_dir", str(root), "--checkpoint.save_last", "false"]
+    args += ["--trainer.logger", "oprd.evaluation.report.AutoWandbLogger", "--trainer.logger.save_dir", str(root)]
+    args += ["--trainer.logger.group", settings.group, "--trainer.logger.name", run_name(objective, lr)]
+    args += ["--trainer.logger.project", "oprd-compare", "--trainer.num_sanity_val_steps", "0"]
+    if settings.steps is not None:
+        args += ["--trainer.max_steps", str(settings.steps)]
+    if settings.budget == "time":
+        args += ["--model.optim.schedule", "constant"]  # the number of steps is not known ahead
+    if lr is not None:
+        args += ["--model.optim.lr", repr(lr)]
+    return args + settings.extra
+
+
+def run_one(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None):
+    """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe."""
+    from oprd.cli.main import build_cli
+
+    cli = build_cli(fit_args(settings, objective, lr))
+    cli.datamodule.setup("fit")
+    items = cli.datamodule.val_items[: settings.eval_prompts]
+    if len(items) < 2:
+        raise ValueError("oprd compare needs held-out prompts: set data.val (or train on a built-in task).")
+    hp = cli.datamodule.hparams
+    final = {source: load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)[: settings.eval_prompts]
+             for source in settings.final_heldout}  # fmt: skip
+    steps = cli.trainer.max_steps
+    every = settings.eval_every or max(steps // 5, 1)
+    probe = CompareProbe(
+        {"selection": items[0::2], "test": items[1::2]},
+        every,
+        hp.val_batch_size,
+        budget_s=settings.time_s if settings.budget == "time" else None,
+        initial=initial,
+        final_only=final,
+    )
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, DistillReport)] + [probe]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    if isinstance(cli.trainer.logger, WandbLogger):
+        cli.trainer.logger.experiment.finish()
+    del cli
+    gc.collect()
+    return probe
+
+
+def compare(settings: CompareSettings) -> dict[str, Any]:
+    """Every objective at every learning rate; returns the rows, each run's cost, and the choice per objective."""
+    rows, runs, initial = [], [], None
+    for objective in settings.objectives:
+        for lr in learning_rates(settings, objective):
+            log.info("compare: %s", run_name(objective, lr))
+            probe = run_one(settings, objective, lr, initial)
+            initial = initial or [row for row in probe.rows if row["step"] == 0]
+            rows += [{"objective": objective, "lr": lr, **row} for row in probe.rows]
+            runs.append({"objective": objective, "lr": lr, **probe.summary()})
+    return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
+
+
+def final_rows(rows: list[dict], objective: str, lr: float | None) -> dict[str, dict]:
+    """Split name -> the last evaluation of one run."""
+    mine = [r for r in rows if r["objective"] == objective and r["lr"] == lr]
+    return {r["split"]: r for r in sorted(mine, key=lambda r: r["step"])}
+
+
+def choose(rows: list[dict], runs: list[dict], settings: CompareSettings) -> dict[str, Any]:
+    """Per objective: the learning rate whose final `select` metric on the selection split is best, and what that
+    run scored on the test split (and the final-only sets), its cost, and every rate tried."""
+    sign = 1 if settings.select in LOWER_IS_BETTER else -1
+    chosen = {}
+    for objective in settings.objectives:
+        tried = [run for run in runs if run["objective"] == objective]
+        scores = [final_rows(rows, objective, run["lr"])["selection"].get(settings.select) for run in tried]
+        best = min(zip(scores, tried, strict=True), key=lambda s: sign * s[0] if s[0] is not None else float("inf"))[1]
+        finals = final_rows(rows, objective, best["lr"])
+        chosen[objective] = {
+            "lr": best["lr"],
+            "lrs_tried": [run["lr"] for run in tried],
+            "steps": finals["test"]["step"],
+            "test": finals["test"],
+            "selection": finals["selection"],
+            "final_only": {split: finals[split] for split in settings.final_heldout if split in finals},
+            **{k: best[k] for k in ("update_s", "update_mib", "train_s")},
+        }
+    shared = {lr for objective in settings.objectives for lr in learning_rates(settings, objective)}
+    return {
+        "objectives": chosen,
+        "select": settings.select,
+        "one_shared_learning_rate": len(shared) == 1,
+        "group": settings.group,
+    }

@@ -1,0 +1,83 @@
+"""`oprd compare` on the tiny config: two objectives, a learning-rate grid, read back from its JSON and W&B runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from oprd.cli import main
+from oprd.cli.compare import parse_lrs
+from oprd.compare.runner import CompareSettings
+from tests import wandb_reader
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_DIR", str(out))
+        env.setenv("WANDB_SILENT", "true")
+        main([
+            "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives", "oprd", "opd",
+            "--lr", "3e-3", "1e-2", "opd=1e-2", "--steps", "4", "--eval_every", "2", "--eval_prompts", "8",
+            "--final_heldout", "arithmetic-rephrased", "--out", str(out),
+            "--", "--data.batch_size", "2", "--trainer.enable_progress_bar", "false",
+        ])  # fmt: skip
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_compare_writes_every_run_and_chooses_each_objectives_rate(compared):
+    out, result = compared
+    assert (out / "compare.png").stat().st_size > 0
+    runs = {(r["objective"], r["lr"]) for r in result["runs"]}
+    assert runs == {("oprd", 3e-3), ("oprd", 1e-2), ("opd", 1e-2)}  # `opd=` overrides the shared grid
+    for objective, entry in result["summary"]["objectives"].items():
+        assert entry["lr"] in entry["lrs_tried"] and entry["steps"] == 4
+        selection = {lr: _final(result, objective, lr, "selection")["reverse_kl"] for lr in entry["lrs_tried"]}
+        assert selection[entry["lr"]] == min(selection.values())  # chosen on the selection split
+        assert entry["test"] == _final(result, objective, entry["lr"], "test")  # reported on the test split
+        assert entry["update_s"] > 0 and entry["update_mib"] > 0
+        assert entry["final_only"]["arithmetic-rephrased"]["step"] == 4
+    assert not result["summary"]["one_shared_learning_rate"]
+
+
+def test_compare_starts_every_run_from_the_same_weights_and_scores_every_n_steps(compared):
+    _, result = compared
+    for run in result["runs"]:
+        rows = [r for r in result["rows"] if (r["objective"], r["lr"]) == (run["objective"], run["lr"])]
+        assert sorted({r["step"] for r in rows if r["split"] == "test"}) == [0, 2, 4]
+    starts = {json.dumps({k: v for k, v in r.items() if k not in ("objective", "lr")}, sort_keys=True)
+              for r in result["rows"] if r["step"] == 0 and r["split"] == "test"}  # fmt: skip
+    assert len(starts) == 1
+    test, selection = (_final(result, "oprd", 3e-3, s) for s in ("test", "selection"))
+    assert test["reverse_kl"] != selection["reverse_kl"]  # two different halves of the held-out prompts
+
+
+def test_compare_logs_one_wandb_run_per_objective_and_rate_in_one_group(compared):
+    out, result = compared
+    run_dirs = sorted(out.glob("**/wandb/offline-run-*"))
+    infos = [wandb_reader.run(d) for d in run_dirs]
+    assert sorted(i["name"] for i in infos) == ["opd-lr0.01", "oprd-lr0.003", "oprd-lr0.01"]
+    assert {i["group"] for i in infos} == {result["summary"]["group"]}
+    for run_dir in run_dirs:
+        assert any("train/loss" in row for row in wandb_reader.history(run_dir))
+
+
+def test_learning_rate_grids_and_bad_settings_are_parsed_and_refused():
+    assert parse_lrs(["1e-5", "3e-5", "opd=3e-6,1e-5"]) == {"*": [1e-5, 3e-5], "opd": [3e-6, 1e-5]}
+    with pytest.raises(ValueError, match="--lr 'opd=fast'"):
+        parse_lrs(["opd=fast"])
+    with pytest.raises(ValueError, match="not among --objectives"):
+        CompareSettings(configs=["x.yaml"], objectives=["oprd"], lrs={"opd": [1e-5]})
+    with pytest.raises(ValueError, match="neither a YAML file nor one of configs/"):
+        CompareSettings(configs=["x.yaml"], objectives=["nope"])
+    with pytest.raises(ValueError, match="--budget time needs --time_s"):
+        CompareSettings(configs=["x.yaml"], budget="time")
+
+
+def _final(result: dict, objective: str, lr: float, split: str) -> dict:
+    rows = [r for r in result["rows"] if r["objective"] == objective and r["lr"] == lr and r["split"] == split]
+    return max(rows, key=lambda r: r["step"])
