@@ -64,7 +64,7 @@ def build_student(hparams: Mapping[str, Any]):
     """
     teacher, student = from_plain(ModelSpec, hparams["teacher"]), from_plain(ModelSpec, hparams["student"])
     tokenizer = pair_tokenizer(hparams.get("tokenizer"), teacher, student, check=False)
-    return load_model(student, load_config(student, len(tokenizer))), tokenizer
+    return load_model(student, load_config(student, len(tokenizer)), tokenizer), tokenizer
 
 
 def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False) -> Path:

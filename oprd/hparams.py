@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models.spec import ModelSpec
+from oprd.objective.bridge import BridgeConfig
 from oprd.rollout.sampling import RolloutConfig
 from oprd.training.optim import OptimConfig
 
@@ -27,6 +28,7 @@ MODEL_CONFIGS: dict[str, type] = {
     "token_loss": TokenLossConfig,
     "rollout": RolloutConfig,
     "optim": OptimConfig,
+    "bridge": BridgeConfig,
 }
 """The `DistillModule` arguments that are config dataclasses."""
 

@@ -29,8 +29,10 @@ from oprd.models.capture import Point
 from oprd.models.layers import find_layers
 from oprd.models.spec import ModelSpec, load_config, load_model, pruned_from
 from oprd.models.tokenizers import check_positions, check_vocab, pair_tokenizer
+from oprd.objective.bridge import BridgeConfig
+from oprd.objective.calibration import calibrate_bridge
 from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
-from oprd.objective.objective import Heads, LossTerms, Objective
+from oprd.objective.objective import Heads, LossTerms, Objective, Projector
 from oprd.parallel.placement import FrozenTeacher, TeacherPlacement
 from oprd.parallel.sharding import (
     configure_sharding,
@@ -56,6 +58,10 @@ class DistillModule(L.LightningModule):
         student: the student model (trained).
         tokenizer: tokenizer id/folder/alias, or `tiny`; default: the student's, else the teacher's.
         layer_map: `uniform`, `all`, `last`, `norm`, `pruned`, or explicit `[[student, teacher], ...]` pairs.
+        projector: how student states meet teacher states: `linear` (a trained `Linear(d_S, d_T)` per pair, identity
+            for equal widths) or `bridge` (OPRD-Bridge: a frozen rank-r PCA subspace of the teacher's states and a
+            student projector calibrated into it before training; for pairs of different widths).
+        bridge: the Bridge's rank and calibration (with `projector: bridge`).
         hidden_loss: how hidden states are compared.
         hidden_weight: mu, the weight of the hidden-state term (0 turns it off: pure token-space distillation).
         token_loss: the token-space (logit) term on the same rollout and teacher pass; None turns it off.
@@ -88,6 +94,8 @@ class DistillModule(L.LightningModule):
         student: ModelSpec,
         tokenizer: str | None = None,
         layer_map: LayerMapSpec = "uniform",
+        projector: Projector = "linear",
+        bridge: BridgeConfig = BridgeConfig(),
         hidden_loss: HiddenLossConfig = HiddenLossConfig(),
         hidden_weight: float = 1.0,
         token_loss: TokenLossConfig | None = None,
@@ -140,9 +148,12 @@ class DistillModule(L.LightningModule):
             token_weight,
             balance,
             seed,
+            projector,
+            args["bridge"],
         )
-        self.student = load_model(student, s_cfg).train()  # from_pretrained returns eval mode
-        self.frozen_teacher = FrozenTeacher(load_model(teacher, t_cfg), placement, teacher.layers_path)
+        self.student = load_model(student, s_cfg, self.tokenizer).train()  # from_pretrained returns eval mode
+        teacher_model = load_model(teacher, t_cfg, self.tokenizer)
+        self.frozen_teacher = FrozenTeacher(teacher_model, placement, teacher.layers_path)
         for who, model in (("student", self.student), ("teacher", self.teacher)):
             layers = len(find_layers(model, self.layers_paths[who]))
             if layers != model.config.num_hidden_layers:
@@ -262,6 +273,15 @@ class DistillModule(L.LightningModule):
         batch_size = roll.input_ids.shape[0]
         self.log_dict(metrics, batch_size=batch_size)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def on_train_start(self) -> None:
+        # After a checkpoint is restored (a resumed run's Bridge is calibrated already), before the first step.
+        if self.objective.needs_calibration:
+            data = self.trainer.datamodule
+            prompts = [item["prompt"] for item in data.train_items]
+            metrics = calibrate_bridge(self, prompts, data.hparams.batch_size)
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.trainer.global_step)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.meter.start(self.device)

@@ -25,7 +25,7 @@ from oprd.training.checkpoint import load_checkpoint
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 """`--ckpt_path` values Lightning resolves itself (`last`: the newest `last*.ckpt` in the checkpoint folder)."""
-FIXED_BY_CHECKPOINT = ("teacher", "student", "tokenizer", "layer_map")
+FIXED_BY_CHECKPOINT = ("teacher", "student", "tokenizer", "layer_map", "projector", "bridge")
 """Model settings a checkpoint fixes (its weights only fit them); every other model setting is the run's own."""
 
 
@@ -60,8 +60,9 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
             continue
         raise ValueError(
             f"--ckpt_path {ckpt_path} was trained with model.{key} = {_show(saved[key])}, but this run sets "
-            f"{_show(given.get(key))}. A checkpoint fixes the models, the tokenizer and the layer map (its weights "
-            f"fit only those): drop --model.{key} (or that line of the config), or use a checkpoint trained with it."
+            f"{_show(given.get(key))}. A checkpoint fixes the models, the tokenizer, the layer map and the projectors "
+            f"(its weights fit only those): drop --model.{key} (or that line of the config), or use a checkpoint "
+            "trained with it."
         )
     return taken
 

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from oprd.models.layers import pruned_config
 from oprd.models.prune import check_keep_layers, every_kth, prune_layers
+from oprd.models.width import WidthPrune, importance, prune_width, width_pruned_config
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class ModelSpec:
     """Depth-prune: keep only these decoder layers (e.g. [0, 2, 4]); pair with `layer_map: pruned`."""
     keep_every: int | None = None
     """Depth-prune: keep every k-th decoder layer (0, k, 2k, ...); pair with `layer_map: pruned`."""
+    width: WidthPrune | None = None
+    """Width-prune: fewer hidden channels, attention heads or MLP neurons, ranked by activation (Minitron)."""
     layers_path: str | None = None
     """Dotted path to the decoder layers when oprd cannot find them (e.g. `model.layers`)."""
     trust_remote_code: bool = False
@@ -54,6 +57,8 @@ class ModelSpec:
             raise ValueError("A model built from `config` needs `model_type` (e.g. llama, qwen3, mistral).")
         if self.keep_layers is not None and self.keep_every is not None:
             raise ValueError("Give `keep_layers` or `keep_every`, not both.")
+        if isinstance(self.width, dict):  # the YAML round-trip of a checkpoint's hyper-parameters
+            self.width = WidthPrune(**self.width)
 
     @property
     def pruned(self) -> bool:
@@ -108,18 +113,22 @@ def load_config(spec: ModelSpec, vocab_size: int | None = None) -> PretrainedCon
             config = AutoConfig.from_pretrained(local_path(spec), trust_remote_code=spec.trust_remote_code)
         except OSError as err:
             raise ValueError(f"Cannot load the config of model {spec.path!r}: {err}") from err
+    if spec.width is not None:
+        config = width_pruned_config(config, spec.width)
     keep = spec.kept_layers(config.num_hidden_layers)
     return config if keep is None else pruned_config(config, keep)
 
 
-def load_model(spec: ModelSpec, config: PretrainedConfig) -> torch.nn.Module:
-    """Load (or randomly build) the causal LM described by `spec`, depth-pruned when it asks for that.
+def load_model(spec: ModelSpec, config: PretrainedConfig, tokenizer=None) -> torch.nn.Module:
+    """Load (or randomly build) the causal LM described by `spec`, width- and depth-pruned when it asks for that.
 
-    `config` is the (possibly pruned) config from `load_config`; a pruned model is loaded whole, then pruned.
+    Args:
+        config: the (possibly pruned) config from `load_config`; a pruned model is loaded whole, then pruned.
+        tokenizer: formats the calibration prompts that rank what width pruning keeps (needed only then).
     """
     dtype = DTYPES[spec.dtype]
     keep = pruned_from(spec, config.vocab_size)
-    full_config = config if keep is None else load_config(_unpruned(spec), config.vocab_size)
+    full_config = config if keep is None and spec.width is None else load_config(_unpruned(spec), config.vocab_size)
     if spec.config is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
@@ -128,6 +137,8 @@ def load_model(spec: ModelSpec, config: PretrainedConfig) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
             local_path(spec), config=full_config, dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
+    if spec.width is not None:
+        model = _prune_width(model, spec, tokenizer)
     if keep is not None:
         model = prune_layers(model, keep, spec.layers_path)
     log.info("Loaded %s (%.1fM parameters)", spec.describe(), sum(p.numel() for p in model.parameters()) / 1e6)
@@ -135,7 +146,21 @@ def load_model(spec: ModelSpec, config: PretrainedConfig) -> torch.nn.Module:
 
 
 def _unpruned(spec: ModelSpec) -> ModelSpec:
-    return dataclasses.replace(spec, keep_layers=None, keep_every=None)
+    return dataclasses.replace(spec, keep_layers=None, keep_every=None, width=None)
+
+
+def _prune_width(model: torch.nn.Module, spec: ModelSpec, tokenizer) -> torch.nn.Module:
+    """Rank channels, heads and neurons on the calibration prompts, then keep the most important."""
+    from oprd.data import format_prompts, load_prompts
+
+    if tokenizer is None:
+        raise ValueError("Width pruning needs a tokenizer for its calibration prompts.")
+    prompts = [item["prompt"] for item in load_prompts(spec.width.calibration, "train")]
+    batch = format_prompts(tokenizer, prompts[: spec.width.calibration_prompts])
+    scores = importance(model, batch["input_ids"], batch["attention_mask"])
+    pruned = prune_width(model, width_pruned_config(model.config, spec.width), scores)
+    log.info("Width-pruned %s on %d calibration prompts.", spec.describe(), len(batch["input_ids"]))
+    return pruned
 
 
 def pruned_from(spec: ModelSpec, vocab_size: int | None = None) -> list[int] | None:

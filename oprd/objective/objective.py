@@ -25,10 +25,12 @@ from oprd.losses.lm_head import Head, token_loss_sum_from_hidden
 from oprd.losses.token import TokenLossConfig, with_model_logit_transforms
 from oprd.losses.weighting import LayerWeighting
 from oprd.models.capture import NORM, Point
+from oprd.objective.bridge import BridgeConfig, BridgeProjectors, check_rank
 from oprd.objective.projectors import Projectors
 from oprd.objective.statistics import RunningMoments
 from oprd.rollout.sampling import Rollout
 
+Projector = Literal["linear", "bridge"]
 EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
 """Held-out reverse KL is always exact over the full vocabulary, whatever the training objective."""
 
@@ -104,6 +106,8 @@ class Objective(nn.Module):
         token_weight: w_token.
         balance: rescale the hidden term to the token term's magnitude (a detached ratio) before mu weights it.
         seed: seed of the projectors' initialisation (random between unequal widths).
+        projector: `linear` (`Linear(d_S, d_T)` per pair, trained) or `bridge` (a calibrated shared subspace).
+        bridge: the Bridge's calibration settings.
     """
 
     def __init__(
@@ -118,6 +122,8 @@ class Objective(nn.Module):
         token_weight: float = 1.0,
         balance: bool = False,
         seed: int = 0,
+        projector: Projector = "linear",
+        bridge: BridgeConfig = BridgeConfig(),
     ) -> None:
         super().__init__()
         if hidden_weight <= 0 and token_loss is None:
@@ -127,14 +133,25 @@ class Objective(nn.Module):
         self.token_loss = with_model_logit_transforms(token_loss, student_config)
         self.eval_kl = with_model_logit_transforms(EVAL_KL, student_config)
         self.token_weight, self.balance, self.vocab_size = token_weight, balance, vocab_size
+        widths = (student_config.hidden_size, teacher_config.hidden_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # projectors between unequal widths start random: make that reproducible
-            self.projectors = Projectors(self.pairs, student_config.hidden_size, teacher_config.hidden_size)
+            if projector == "bridge":
+                check_rank(bridge, teacher_config.hidden_size)
+                self.projectors = BridgeProjectors(self.pairs, *widths, bridge)
+            else:
+                self.projectors = Projectors(self.pairs, *widths)
         self.layer_weighting = LayerWeighting(hidden_loss.layer_weights, len(self.pairs))
         self.moments = None
         if hidden_loss.kind == "standardized_mse":
-            width = teacher_config.hidden_size
+            width = bridge.rank if projector == "bridge" else teacher_config.hidden_size
             self.moments = nn.ModuleDict({label: RunningMoments(width) for label in self.projectors.labels})
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the Bridge's subspaces are still to be fitted (before the first training step)."""
+        bridge = isinstance(self.projectors, BridgeProjectors)
+        return bridge and bool(self.pairs) and not bool(self.projectors.calibrated)
 
     @property
     def needs_head(self) -> bool:
@@ -170,7 +187,7 @@ class Objective(nn.Module):
         terms.hidden_weight = torch.tensor(float(self.hidden_weight))
         if self.pairs:
             projected = self.projectors(student)
-            targets = {label: teacher[t] for label, (_, t) in zip(self.projectors.labels, self.pairs, strict=True)}
+            targets = self.projectors.targets(teacher)
             stds = None if self.moments is None else self.teacher_stds(targets, roll.response_mask)
             terms.pairs = hidden_loss_sums(projected, targets, roll.response_mask, self.hidden_loss, stds)
             terms.cosine = {

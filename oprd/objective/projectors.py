@@ -49,3 +49,7 @@ class Projectors(nn.Module):
     def forward(self, student_states: dict[Point, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Project each pair's student state `[b, t, d_S]` to `[b, t, d_T]`, keyed by pair label."""
         return {pair_label(p): self.proj[pair_label(p)](student_states[p[0]]) for p in self.pairs}
+
+    def targets(self, teacher_states: dict[Point, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each pair's teacher state `[b, t, d_T]`, as it is, keyed by pair label."""
+        return {pair_label(p): teacher_states[p[1]] for p in self.pairs}
