@@ -12,6 +12,7 @@ from typing import Any
 
 from oprd.losses.token import TokenLossConfig
 from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec
+from oprd.models.lora import frozen_base_keys
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
@@ -106,7 +107,8 @@ def share_models(module: DistillModule, reference: DistillModule) -> DistillModu
 
 
 def activate(module: DistillModule) -> None:
-    """Give the (possibly shared) student the trainable set of `module`'s own loss: all but `module.frozen`."""
-    frozen = set(module.frozen)
+    """Give the (possibly shared) student the trainable set of `module`'s own loss: all but `module.frozen` (and,
+    for a LoRA student, all but the adapters)."""
+    frozen = set(module.frozen) | frozen_base_keys(module.student)
     for name, param in module.student.named_parameters():
         param.requires_grad_(name not in frozen)

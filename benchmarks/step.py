@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -57,8 +58,9 @@ from benchmarks.setups import activate, build_module, make_pair, share_models
 from oprd.data import arithmetic_examples
 from oprd.models import DTYPES
 from oprd.models.capture import HiddenCapture, forward_inputs
+from oprd.models.lora import LoraSettings
 from oprd.module import DistillModule
-from oprd.rollout import Rollout, RolloutConfig
+from oprd.rollout import Rollout, RolloutConfig, get_engine
 from oprd.training.throughput import SavedBytes
 
 NAME = "step"
@@ -178,9 +180,31 @@ def fixed_length_rollout(module: DistillModule, args, device) -> tuple[Rollout, 
         module.student.generation_config.min_new_tokens = None
 
 
+def engine_rollouts(module: DistillModule, args, device) -> list[dict]:
+    """Per rollout engine: the same prompts and seeds, responses up to `response_tokens` (stopping at EOS), timed
+    after one warm-up rollout (vLLM's import and start-up are not counted); tokens per second."""
+    prompts = [item["prompt"] for item in arithmetic_examples("train")[: args.batch]]
+    rows = []
+    for name in args.engines:
+        module.engine = get_engine(name)
+        config = RolloutConfig(max_new_tokens=args.response_tokens, temperature=1.0, engine=name)
+        module.sample(prompts, config, seed=args.seed + 1)  # warm-up
+        seeds = [args.seed + 2 + i for i in range(3)]
+        samples = [timed(lambda c=config, s=seed: module.sample(prompts, c, seed=s), device) for seed in seeds]
+        tokens = sum(int(roll.response_mask.sum()) for roll, _ in samples)
+        seconds = sum(s for _, s in samples)
+        rows.append(
+            {"engine": name, "rollout_tokens": tokens / 3, "rollout_s": seconds / 3, "tokens_per_s": tokens / seconds}
+        )
+    module.engine = get_engine("hf")
+    return rows
+
+
 def build_variants(args, device) -> dict[str, DistillModule]:
     """One module per variant, all sharing the first one's teacher and student weights."""
     pair = make_pair(args.pair, args.models, args.dtype)
+    if args.lora:  # a LoRA student: adapters on every linear layer but the head, the base frozen
+        pair = dataclasses.replace(pair, student=dataclasses.replace(pair.student, lora=LoraSettings(r=args.lora)))
     rollout = RolloutConfig(max_new_tokens=args.response_tokens)
     modules: dict[str, DistillModule] = {}
     for variant in args.variants:
@@ -230,7 +254,9 @@ def run(args) -> tuple[list[dict], dict]:
         row["step_s"] = rollout_s + row["update_s"]
         row["model_tflops"] = model_flops(modules[variant], roll, variant) / 1e12
         row["mfu"] = row["model_tflops"] * 1e12 / row["update_s"] / flops_per_s
+    engines = engine_rollouts(reference, args, device) if args.engines != ["hf"] else []
     context = {
+        "engines": engines,
         "tokens": int(roll.attention_mask.numel()),
         "response_tokens": int(roll.response_mask.sum()),
         "shape": list(roll.input_ids.shape),
@@ -256,7 +282,17 @@ def summarize(rows: list[dict], context: dict) -> dict:
     if "oprd" in by:
         summary["oprd_mfu"] = by["oprd"]["mfu"]
         summary["rollout_share_of_oprd_step"] = ratio(by["oprd"]["rollout_s"], by["oprd"]["step_s"])
-    summary.update({k: v for k, v in context.items() if k != "device"})
+    engines = {row["engine"]: row for row in context.get("engines", [])}
+    if "hf" in engines and "vllm" in engines:
+        summary["vllm_over_hf_rollout_tokens_per_s"] = ratio(
+            engines["vllm"]["tokens_per_s"], engines["hf"]["tokens_per_s"]
+        )
+    if "oprd" in by:
+        for name, row in engines.items():
+            # The update's fixed-length rollout at this engine's throughput, over the whole OPRD step.
+            rollout_s = context["response_tokens"] / row["tokens_per_s"]
+            summary[f"rollout_share_of_oprd_step_{name}"] = rollout_s / (rollout_s + by["oprd"]["update_s"])
+    summary.update({k: v for k, v in context.items() if k not in ("device", "engines")})
     return summary
 
 
@@ -320,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="rollout seed")
+    parser.add_argument("--lora", type=int, default=0, help="a LoRA student of this rank (0: full fine-tuning)")
+    parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf"],
+                        help="rollout engines to time side by side (vllm: run under .venv-vllm)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.response_tokens, args.repeats = 2, 8, 0

@@ -49,7 +49,10 @@ def arithmetic_examples(split: str = "train", seed: int = 0, num_val: int = 100,
         raise ValueError(f"num_val must be between 1 and {len(pairs) - 1} for numbers {low}..{high}, got {num_val}.")
     random.Random(seed).shuffle(pairs)
     chosen = pairs[:num_val] if split == "val" else pairs[num_val:]
-    return [{"prompt": f"What is {a} plus {b}?", "answer": str(a + b)} for a, b in chosen]
+    return [
+        {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "response": f"{a} + {b} = {a + b}."}
+        for a, b in chosen
+    ]
 
 
 def rephrased_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
@@ -100,8 +103,10 @@ def _check_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     prompt = item.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f'{where}: missing a non-empty "prompt" string (keys found: {sorted(item)}).')
-    answer = item.get("answer")
-    return {"prompt": prompt, "answer": None if answer is None else str(answer)}
+    answer, response = item.get("answer"), item.get("response")
+    if response is not None and not isinstance(response, str):
+        raise ValueError(f'{where}: "response" must be a string (a reference answer for off-policy steps).')
+    return {"prompt": prompt, "answer": None if answer is None else str(answer), "response": response}
 
 
 def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
@@ -136,7 +141,7 @@ def _load_hf_folder(path: Path, split: str) -> list[dict[str, Any]]:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, list]:
-    return {"prompt": [item["prompt"] for item in items], "answer": [item["answer"] for item in items]}
+    return {key: [item.get(key) for item in items] for key in ("prompt", "answer", "response")}
 
 
 def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None, truncate: bool = True):

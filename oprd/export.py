@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from oprd.hparams import from_plain
+from oprd.models.lora import frozen_base_keys, is_lora, merged
 from oprd.models.spec import ModelSpec, load_config, load_model
 from oprd.models.tokenizers import pair_tokenizer
 from oprd.training.checkpoint import check_state_shapes, load_checkpoint
@@ -35,7 +36,11 @@ def export_student(module, folder: str | Path, overwrite: bool = False) -> Path:
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, folder: str | Path, overwrite: bool = False, model_overrides: Mapping[str, Any] | None = None
+    ckpt_path: str | Path,
+    folder: str | Path,
+    overwrite: bool = False,
+    model_overrides: Mapping[str, Any] | None = None,
+    adapter: bool = False,
 ) -> Path:
     """Rebuild the student of a checkpoint, load its trained weights and save it as a Hugging Face folder.
 
@@ -44,6 +49,7 @@ def export_checkpoint(
         folder: destination; refused when it is not empty, unless `overwrite`.
         overwrite: replace a non-empty `folder`.
         model_overrides: `model` settings that replace the checkpoint's hyper-parameters (e.g. a moved folder).
+        adapter: for a LoRA student, write the adapter alone (peft's format) instead of the merged model.
     """
     _refuse_non_empty(Path(folder), overwrite)  # before the (possibly long) checkpoint load
     checkpoint = load_checkpoint(ckpt_path)
@@ -51,9 +57,10 @@ def export_checkpoint(
     student, tokenizer = build_student(hparams)
     state = checkpoint["state_dict"]
     weights = {k.removeprefix(STUDENT_PREFIX): v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
-    check_state_shapes(student, weights, f"checkpoint {ckpt_path}")
-    student.load_state_dict(weights, strict=True)
-    return save_folder(student, tokenizer, folder, overwrite)
+    frozen = frozen_base_keys(student)
+    check_state_shapes(student, weights, f"checkpoint {ckpt_path}", optional=frozen)
+    student.load_state_dict(weights, strict=not frozen)  # a LoRA checkpoint holds the adapters, not the base
+    return save_folder(student, tokenizer, folder, overwrite, adapter=adapter)
 
 
 def build_student(hparams: Mapping[str, Any]):
@@ -67,8 +74,9 @@ def build_student(hparams: Mapping[str, Any]):
     return load_model(student, load_config(student, len(tokenizer)), tokenizer), tokenizer
 
 
-def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False) -> Path:
-    """Save weights, config, generation config and tokenizer into `folder`.
+def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False, adapter: bool = False) -> Path:
+    """Save weights, config, generation config and tokenizer into `folder` (a LoRA student merged, or with `adapter`
+    its adapter alone).
 
     The folder is written next to its destination and moved into place at the end, so an interrupted export never
     leaves half a model behind. A non-empty folder is refused unless `overwrite` is set, to never lose a user's model.
@@ -78,8 +86,10 @@ def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False) -
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     retired = staging.with_name(staging.name + "-previous")
+    if adapter and not is_lora(model):
+        raise ValueError("--adapter exports a LoRA student's adapter; this student has none (student.lora unset).")
     try:
-        model.save_pretrained(staging)
+        (model if adapter else merged(model)).save_pretrained(staging)
         generation_config(model, tokenizer).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
@@ -148,7 +158,8 @@ def export_parser():
         default=None,
         help="A fit config (YAML) whose `model:` settings replace the checkpoint's (e.g. a model folder that moved).",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out folder.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an earlier export in --out.")
+    parser.add_argument("--adapter", action="store_true", help="A LoRA student: write the adapter alone (peft).")
     return parser
 
 
@@ -166,6 +177,8 @@ def export_main(args: list[str]) -> Path:
     """Run `oprd export` with command-line arguments (without the subcommand name)."""
     parsed = export_parser().parse_args(args)
     overrides = model_section(parsed.config) if parsed.config else None
-    folder = export_checkpoint(parsed.ckpt_path, parsed.out, overwrite=parsed.overwrite, model_overrides=overrides)
+    folder = export_checkpoint(
+        parsed.ckpt_path, parsed.out, overwrite=parsed.overwrite, model_overrides=overrides, adapter=parsed.adapter
+    )
     print(f"Exported the student of {parsed.ckpt_path} to {folder}")
     return folder

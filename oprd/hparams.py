@@ -62,6 +62,7 @@ def typed_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
         "max_prompt_length": 1,
         "val_max_new_tokens": 1,
         "nonfinite_max_skips": 1,
+        "eval_samples": 0,
         "hidden_weight": 0,
         "token_weight": 0,
     }
@@ -69,4 +70,9 @@ def typed_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
         value = typed.get(name)
         if value is not None and value < low:
             raise ValueError(f"model.{name} must be >= {low}, got {value}.")
+    if typed.get("eval_samples"):
+        if not typed.get("eval_temperature", 0.7) > 0:
+            raise ValueError(f"model.eval_temperature must be > 0 to sample, got {typed['eval_temperature']}.")
+        if not 0 < typed.get("eval_top_p", 0.95) <= 1:
+            raise ValueError(f"model.eval_top_p must lie in (0, 1], got {typed['eval_top_p']}.")
     return typed

@@ -25,8 +25,9 @@ from oprd.evaluation.scoring import Responder, score
 from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
-from oprd.models.capture import Point
-from oprd.models.layers import find_layers
+from oprd.models.capture import NORM, Point
+from oprd.models.layers import check_layer_count
+from oprd.models.lora import frozen_base_keys, is_lora
 from oprd.models.spec import ModelSpec, load_config, load_model, pruned_from
 from oprd.models.tokenizers import check_positions, check_vocab, pair_tokenizer
 from oprd.objective.bridge import BridgeConfig
@@ -42,11 +43,12 @@ from oprd.parallel.sharding import (
     local_grads,
     synced_generation,
 )
-from oprd.rollout.engine import get_engine
+from oprd.rollout.engine import HFGenerateEngine, get_engine
+from oprd.rollout.mixing import step_responses
 from oprd.rollout.sampling import Rollout, RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import NonFinite, NonFiniteGuard, describe_term, nonfinite_grads, nonfinite_term
-from oprd.training.optim import OptimConfig, build_optimizer, retune_saved_optimizer
+from oprd.training.optim import OptimConfig, build_optimizer, retune_saved_optimizer, scale_gradients
 from oprd.training.throughput import StepMeter
 
 
@@ -74,6 +76,10 @@ class DistillModule(L.LightningModule):
         val_max_new_tokens: response length during evaluation (greedy); default `rollout.max_new_tokens`.
         eval_model: which model answers the held-out prompts in validate/test: the `student` or the `teacher`
             (to score the teacher with the same metrics).
+        eval_samples: k > 0 adds sampled accuracy to held-out scoring: `accuracy_avg@k` (mean over k samples per
+            prompt) and `accuracy_best@k` (a correct one among them), at `eval_temperature` and `eval_top_p`.
+        eval_temperature: sampling temperature of `eval_samples` (the OPRD paper: 0.7).
+        eval_top_p: nucleus threshold of `eval_samples` (the OPRD paper: 0.95).
         nonfinite: on a NaN/inf loss or gradient, `stop` (saving the last good state first) or `skip` the step.
         nonfinite_max_skips: with `nonfinite: skip`, stop after this many skipped steps in a row.
         keep_last_good: copy the trainable weights to CPU memory after each finite step (one copy per step), so that
@@ -107,6 +113,9 @@ class DistillModule(L.LightningModule):
         truncate_prompts: bool = True,
         val_max_new_tokens: int | None = None,
         eval_model: Responder = "student",
+        eval_samples: int = 0,
+        eval_temperature: float = 0.7,
+        eval_top_p: float = 0.95,
         nonfinite: NonFinite = "stop",
         nonfinite_max_skips: int = 5,
         keep_last_good: bool = True,
@@ -155,13 +164,12 @@ class DistillModule(L.LightningModule):
         teacher_model = load_model(teacher, t_cfg, self.tokenizer)
         self.frozen_teacher = FrozenTeacher(teacher_model, placement, teacher.layers_path)
         for who, model in (("student", self.student), ("teacher", self.teacher)):
-            layers = len(find_layers(model, self.layers_paths[who]))
-            if layers != model.config.num_hidden_layers:
-                raise ValueError(f"The {who} has {layers} layers but its config says {model.config.num_hidden_layers}.")
+            check_layer_count(model, self.layers_paths[who], who)
         # What the loss cannot reach gets no gradient: frozen, so DDP finds no unused parameters.
         points = self.objective.points("student")
         self.frozen = freeze_unreached(self.student, points, student.layers_path, self.objective.needs_head)
         self.guard = NonFiniteGuard(nonfinite, nonfinite_max_skips, keep_last_good)
+        self.strict_loading = not is_lora(self.student)  # see `on_save_checkpoint`
         self._step_tokens = torch.zeros(())
         self._step_finite = True  # every micro-batch of this optimizer step had a finite loss
         self.meter, self._synced_step, self._update_tokens = StepMeter(), 0, 0
@@ -177,7 +185,9 @@ class DistillModule(L.LightningModule):
     # ---- the step -------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
-        roll = self.sample(batch["prompt"], self.rollout_cfg, seed=self._rollout_seed(batch_idx))
+        self.engine.wake()
+        roll, on_policy = step_responses(self, batch, seed=self._rollout_seed(batch_idx))
+        self.engine.sleep()  # an engine on the GPU frees its memory for the update
         self.meter.rollout_done(int(roll.response_mask.sum()))
         terms = self.distill(roll)
         bad = nonfinite_term(terms.named())
@@ -189,6 +199,8 @@ class DistillModule(L.LightningModule):
         tokens = roll.response_mask.sum()
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
         self.log_train(terms, roll)
+        if self.rollout_cfg.lmbda < 1:
+            self.log("train/on_policy", float(on_policy), batch_size=1)
         self._update_tokens = int(roll.attention_mask.sum())
         # A sum over tokens: `on_before_optimizer_step` divides by the whole step's token count.
         return terms.loss
@@ -197,16 +209,22 @@ class DistillModule(L.LightningModule):
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
         the objective."""
         teacher = self.teacher_states(roll) if teacher is None else teacher
-        student = self.student_states(roll)
-        return self.objective(student, teacher, roll, self.heads() if self.objective.needs_head else None)
+        gap = roll.logprobs is not None  # the engine reports its log-probs: check it samples this policy
+        student = self.student_states(roll, head=self.objective.needs_head or gap)
+        terms = self.objective(student, teacher, roll, self.heads() if self.objective.needs_head else None)
+        if gap:
+            terms.rollout_logprob_gap = self.objective.rollout_logprob_gap(student[NORM], roll, self.heads())
+        return terms
 
     def sample(self, prompts: list[str], config: RolloutConfig, seed: int | None = None, model=None) -> Rollout:
-        """Responses of `model` (default: the student) through the rollout engine, on the student's device."""
+        """Responses of `model` (default: the student) on the student's device: the student's through the rollout
+        engine, any other model's through its own `generate` (an engine holds a copy of the student only)."""
         enc = format_prompts(self.tokenizer, prompts, self.hparams.max_prompt_length, self.hparams.truncate_prompts)
         model = model or self.student
         placed = self.frozen_teacher.active(self.device) if model is self.teacher else nullcontext(self.device)
+        engine = self.engine if model is self.student else HFGenerateEngine()
         with placed as device:
-            roll = self.engine.generate(
+            roll = engine.generate(
                 model,
                 self.tokenizer,
                 enc["input_ids"].to(device),
@@ -248,12 +266,7 @@ class DistillModule(L.LightningModule):
         # Exact global normalisation: micro-batches returned sums; Lightning divided them by the accumulation
         # count and DDP averaged over ranks, so multiply both back and divide by the step's total token count.
         total = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
-        # A Python float: FSDP2 gradients are DTensors, which refuse arithmetic with plain tensors.
-        scale = float(self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp_min(1))
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+        scale_gradients(optimizer, self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp_min(1))
         self._step_tokens = torch.zeros((), device=self._step_tokens.device)
         bad = nonfinite_grads(local_grads(self.named_parameters()))
         if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
@@ -295,6 +308,8 @@ class DistillModule(L.LightningModule):
         if self.trainer.global_step != self._synced_step:  # an optimizer step happened: engines with a weight copy
             self._synced_step = self.trainer.global_step
             self.engine.sync_weights(self.student, self._synced_step)
+            if self.engine.sync_s is not None:
+                self.log("train/weight_sync_s", self.engine.sync_s, batch_size=1)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
 
@@ -340,9 +355,14 @@ class DistillModule(L.LightningModule):
     def _rollout_seed(self, batch_idx: int) -> int:
         return rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A LoRA student's frozen base weights come back from its model path: only adapters and projectors are saved.
+        for name in frozen_base_keys(self.student, "student."):
+            checkpoint["state_dict"].pop(name, None)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint of another student/teacher width fails here, naming the shapes, not deep in load_state_dict.
-        check_state_shapes(self, checkpoint["state_dict"])
+        check_state_shapes(self, checkpoint["state_dict"], optional=frozen_base_keys(self.student, "student."))
         retune_saved_optimizer(self.optim_cfg, checkpoint)  # a resumed run takes the learning rate it is given
 
     def configure_optimizers(self):

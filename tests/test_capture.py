@@ -104,7 +104,10 @@ def test_captured_tensors_are_released_every_step():
 
 def test_gradient_checkpointing_reruns_are_harmless():
     model = tiny_llama(layers=3).train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; before: gradient_checkpointing_enable
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, mask = _inputs()
     states = HiddenCapture(model, [1]).run(ids, mask)
     states[1].pow(2).mean().backward()

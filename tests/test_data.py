@@ -18,7 +18,10 @@ def test_arithmetic_is_seeded_and_splits_are_disjoint():
 def test_jsonl_reading_and_errors(tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "Hi", "answer": 3}\n\n{"prompt": "Yo"}\n')
-    assert read_jsonl(good) == [{"prompt": "Hi", "answer": "3"}, {"prompt": "Yo", "answer": None}]
+    assert read_jsonl(good) == [
+        {"prompt": "Hi", "answer": "3", "response": None},
+        {"prompt": "Yo", "answer": None, "response": None},
+    ]
     cases = {
         '{"prompt": "a"}\n[1, 2]\n': "p.jsonl:2: expected an object",
         '{"prompt": "a"}\n{"question": "b"}\n': 'p.jsonl:2: missing a non-empty "prompt"',
@@ -45,7 +48,7 @@ def test_hf_datasets_folder(tmp_path):
             "val": datasets.Dataset.from_list([{"prompt": "B?", "answer": "2"}]),
         }
     ).save_to_disk(str(folder))
-    assert load_prompts(str(folder), "val") == [{"prompt": "B?", "answer": "2"}]
+    assert load_prompts(str(folder), "val") == [{"prompt": "B?", "answer": "2", "response": None}]
     with pytest.raises(ValueError, match="has splits"):
         load_prompts(str(folder), "test")
 

@@ -110,7 +110,7 @@ def test_mismatched_tokenizers_are_refused_even_when_a_tokenizer_is_named(tmp_pa
 def test_prompt_files_with_a_byte_order_mark_load_and_other_encodings_are_named(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b'\xef\xbb\xbf{"prompt": "What is 1 plus 2?", "answer": "3"}\n')
-    assert read_jsonl(bom) == [{"prompt": "What is 1 plus 2?", "answer": "3"}]
+    assert read_jsonl(bom) == [{"prompt": "What is 1 plus 2?", "answer": "3", "response": None}]
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "Hi"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"latin\.jsonl:2: not UTF-8 text"):

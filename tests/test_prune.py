@@ -28,10 +28,8 @@ def hand_run(teacher, keep: list[int], input_ids: torch.Tensor) -> list[torch.Te
     hidden = inner.embed_tokens(input_ids)
     position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0)
     position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-    mask = create_causal_mask(
-        config=teacher.config, inputs_embeds=hidden, attention_mask=torch.ones_like(input_ids), cache=None,
-        position_ids=position_ids,
-    )  # fmt: skip
+    # The cache argument is positional: transformers renamed it (`past_key_values` -> `cache`) in 5.2x.
+    mask = create_causal_mask(teacher.config, hidden, torch.ones_like(input_ids), None, position_ids=position_ids)
     outputs = []
     for i in keep:
         hidden = inner.layers[i](hidden, attention_mask=mask, position_embeddings=position_embeddings,

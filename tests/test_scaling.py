@@ -78,8 +78,8 @@ def test_rollout_engine_is_pluggable_and_synced_after_each_step_and_throughput_i
 
 
 def test_unknown_engines_are_refused_with_the_registered_names():
-    with pytest.raises(ValueError, match="registered: hf"):
-        get_engine("vllm")
+    with pytest.raises(ValueError, match="registered: hf, vllm"):
+        get_engine("sglang")
     with pytest.raises(TypeError):
         register_engine("bad", object)
     assert isinstance(get_engine("hf"), HFGenerateEngine)

@@ -103,13 +103,13 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _show_progress_logs() -> None:
+def show_progress_logs() -> None:
     # oprd says what it does (building a built-in model takes minutes on a CPU); Lightning configures only its own.
-    if not log.handlers:
+    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("oprd: %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
 
 
 def _quiet_startup() -> None:
@@ -142,7 +142,7 @@ def main(args: list[str] | None = None) -> None:
     """`oprd <subcommand> ...`; `--debug` anywhere shows full tracebacks instead of one-line errors."""
     # Tokenizers' thread pool forks badly under DataLoader workers and prints a warning per process.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _show_progress_logs()
+    show_progress_logs()
     _quiet_startup()
     argv = sys.argv[1:] if args is None else list(args)
     debug = "--debug" in argv or bool(os.environ.get("OPRD_DEBUG"))

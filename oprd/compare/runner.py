@@ -11,7 +11,9 @@ reported on the `test` half.
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,22 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
     return args + settings.extra
 
 
+def run_isolated(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None) -> tuple:
+    """`run_one` in a fresh process: every run starts from a clean interpreter (nothing of the previous run's models
+    stays in memory), as `oprd fit` would. Returns the probe's rows and summary."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_child, (settings, objective, lr, initial))
+
+
+def _child(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None) -> tuple:
+    from oprd.cli.main import show_progress_logs
+
+    show_progress_logs()
+    probe = run_one(settings, objective, lr, initial)
+    return probe.rows, probe.summary()
+
+
 def run_one(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None):
     """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe."""
     from oprd.cli.main import build_cli
@@ -154,13 +172,19 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None, initial
 def compare(settings: CompareSettings) -> dict[str, Any]:
     """Every objective at every learning rate; returns the rows, each run's cost, and the choice per objective."""
     rows, runs, initial = [], [], None
+    settings.out.mkdir(parents=True, exist_ok=True)
+    progress = settings.out / "runs.jsonl"  # each finished run at once: a long comparison stopped half-way keeps them
+    progress.write_text("")
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
             log.info("compare: %s", run_name(objective, lr))
-            probe = run_one(settings, objective, lr, initial)
-            initial = initial or [row for row in probe.rows if row["step"] == 0]
-            rows += [{"objective": objective, "lr": lr, **row} for row in probe.rows]
-            runs.append({"objective": objective, "lr": lr, **probe.summary()})
+            probe_rows, summary = run_isolated(settings, objective, lr, initial)
+            initial = initial or [row for row in probe_rows if row["step"] == 0]
+            rows += [{"objective": objective, "lr": lr, **row} for row in probe_rows]
+            runs.append({"objective": objective, "lr": lr, **summary})
+            record = {"run": runs[-1], "rows": rows[-len(probe_rows) :]}
+            with progress.open("a") as file:
+                file.write(json.dumps(record, default=str) + "\n")
     return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
 
 

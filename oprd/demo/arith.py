@@ -30,17 +30,11 @@ ARITH_CLIP = 1.0
 ARITH_SEED = 0
 
 
-def arith_answer(prompt: str, answer: str) -> str:
-    """The teacher's target response for a built-in arithmetic item: "What is 3 plus 4?" -> "3 + 4 = 7."."""
-    a, b = prompt.removeprefix("What is ").removesuffix("?").split(" plus ")
-    return f"{a} + {b} = {answer}."
-
-
 def sft_batch(tokenizer, items: list[dict]) -> dict[str, torch.Tensor]:
     """Tokenise chat-formatted (prompt, answer) pairs for supervised fine-tuning, loss on the assistant tokens only.
 
     The prompt goes through `format_prompts` (the exact tokens the distillation rollouts see); the target is the
-    answer followed by EOS so that the model also learns to stop.
+    item's `response` ("3 + 4 = 7.") followed by EOS so that the model also learns to stop.
 
     Returns:
         `input_ids`, `attention_mask` and `labels`, all `[b, t]`, right-padded; `labels` is -100 on prompt and pad.
@@ -48,7 +42,7 @@ def sft_batch(tokenizer, items: list[dict]) -> dict[str, torch.Tensor]:
     prompts = format_prompts(tokenizer, [item["prompt"] for item in items])
     rows = []
     for ids, mask, item in zip(prompts["input_ids"], prompts["attention_mask"], items, strict=True):
-        target = tokenizer(arith_answer(item["prompt"], item["answer"]), add_special_tokens=False)["input_ids"]
+        target = tokenizer(item["response"], add_special_tokens=False)["input_ids"]
         rows.append((ids[mask.bool()].tolist(), target + [tokenizer.eos_token_id]))
     length = max(len(p) + len(t) for p, t in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)

@@ -146,7 +146,8 @@ class DistillReport(L.Callback):
         for column in ("metric", "student before", "student after", "teacher"):
             table.add_column(column, justify="right" if column != "metric" else "left")
         before, after, teacher = (self.results[k][0] for k in ("before", "after", "teacher"))
-        for name in ("accuracy", "reverse_kl", "repetition", "distinct_4", "response_length"):
+        sampled = [name for name in after if name.startswith("accuracy_")]  # Avg@k, Best@k
+        for name in ("accuracy", *sampled, "reverse_kl", "repetition", "distinct_4", "response_length"):
             if name in after:
                 table.add_row(name, *(f"{m.get(name, float('nan')):.3f}" for m in (before, after, teacher)))
         console.print(table)

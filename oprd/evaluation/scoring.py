@@ -24,6 +24,24 @@ from oprd.models.capture import NORM
 Responder = Literal["student", "teacher"]
 
 
+EVAL_SEED = 20_240_601
+"""Seed of the sampled evaluation: every model and checkpoint is scored on the same draws."""
+
+
+@torch.no_grad()
+def sampled_accuracy(module, prompts: list[str], answers: list[str], k: int) -> dict[str, Tensor]:
+    """Avg@k and Best@k as papers report them (the OPRD paper: Avg@16 at T=0.7, top-p 0.95): k sampled answers per
+    prompt; Avg@k is the mean accuracy over all samples, Best@k the fraction of prompts with a correct one."""
+    hp = module.hparams
+    config = replace(
+        module.greedy_config(), do_sample=True, temperature=hp.eval_temperature, top_p=hp.eval_top_p, num_generations=k
+    )
+    texts = module.decode(module.sample(prompts, config, seed=EVAL_SEED + hp.seed))
+    correct = torch.tensor([is_correct(text, answers[i // k]) for i, text in enumerate(texts)], dtype=torch.float32)
+    per_prompt = correct.view(len(prompts), k)
+    return {f"accuracy_avg@{k}": per_prompt.mean(), f"accuracy_best@{k}": per_prompt.amax(dim=1).mean()}
+
+
 @torch.no_grad()
 def score(
     module, prompts: list[str], answers: list[str | None], responder: Responder = "student", per_row: bool = False
@@ -57,6 +75,8 @@ def score(
     metrics["repetition"] = torch.tensor(sum(repetition_rate(t, 4) for t in texts) / len(texts))
     if all(a is not None for a in answers):
         metrics["accuracy"] = torch.tensor(accuracy(texts, answers))
+        if module.hparams.eval_samples and responder != "teacher":
+            metrics.update(sampled_accuracy(module, prompts, answers, module.hparams.eval_samples))
     rows = [
         {"prompt": p, "response": t, "answer": a, "correct": is_correct(t, a)}
         for p, t, a in zip(prompts, texts, answers, strict=True)

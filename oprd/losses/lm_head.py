@@ -151,3 +151,27 @@ def token_loss_sum_from_hidden(
     """Token-space loss sum from final hidden states: dense when `config.chunk_size == 0`, chunked otherwise."""
     fn = dense_token_loss_sum if config.chunk_size == 0 else chunked_token_loss_sum
     return fn(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, config, vocab_size)
+
+
+@torch.no_grad()
+def sampled_logprobs(
+    hidden: Tensor, head: Head, targets: Tensor, mask: Tensor, config: TokenLossConfig, vocab_size: int
+) -> Tensor:
+    """The model's own log-probability of each kept target token, `[n]`, computed `config.chunk_size` tokens at a time
+    (full-vocabulary log-softmax at temperature 1: what a rollout engine reports as the sampled token's log-prob).
+
+    Args:
+        hidden: `[b, t, d]` final normed states; position t predicts `targets[:, t]`.
+        targets: `[b, t]` next-token ids.
+        mask: `[b, t]` the positions that count.
+    """
+    keep = rearrange(mask.bool(), "b t -> (b t)")
+    states = rearrange(hidden, "b t d -> (b t) d")[keep]
+    wanted = rearrange(targets, "b t -> (b t)")[keep]
+    weight, bias = head_params(head)
+    step = config.chunk_size or max(states.shape[0], 1)
+    out = []
+    for start in range(0, states.shape[0], step):
+        logits = head_logits(states[start : start + step], weight, bias, config, vocab_size).float()
+        out.append(F.log_softmax(logits, dim=-1).gather(-1, wanted[start : start + step, None])[:, 0])
+    return torch.cat(out) if out else states.new_zeros(0)

@@ -12,18 +12,62 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 LAYER_NAMES = ("layers", "h", "blocks")
 """Attribute names of the decoder-layer list: Llama/Qwen/Mistral/Gemma `layers`, GPT-2 `h`, some others `blocks`."""
-NORM_NAMES = ("norm", "ln_f", "final_layernorm")
-"""Attribute names of the final norm after the last decoder layer."""
+NORM_NAMES = (
+    "norm",
+    "ln_f",
+    "final_layernorm",
+    "final_layer_norm",
+    "final_norm",
+    "norm_f",
+    "out_norm",
+    "ln_out",
+    "layer_norm",
+    "layernorm",
+)
+"""Attribute names of the final norm after the last decoder layer: Llama `norm`, GPT-2 `ln_f`, GPT-NeoX/OPT
+`final_layer_norm`, RecurrentGemma `final_norm`, Mamba/MPT `norm_f`, xLSTM `out_norm`, RWKV `ln_out`, BART-style
+pre-LN decoders `layer_norm`, CTRL `layernorm`. First match wins."""
+FINAL_NORM_BY_FAMILY = {
+    "bigbird_pegasus": "layernorm_embedding",
+    "lfm2": "embedding_norm",
+    "lfm2_moe": "embedding_norm",
+    "lfm3": "embedding_norm",
+    "qwen4_exp_text": "hyper_connection_mixer",
+}
+"""Families whose final norm has a name that means something else elsewhere: BigBird-Pegasus and LFM2 run their
+`layernorm_embedding` / `embedding_norm` after the last layer (in BART the former normalises the embeddings), and
+Qwen4-Exp folds its residual streams into the head's input through a normed `hyper_connection_mixer`."""
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The base decoder of a causal LM (`LlamaModel` inside `LlamaForCausalLM`): layers and final norm, no LM head."""
-    if isinstance(model, PreTrainedModel):
-        base = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if base is None:
-            base = getattr(model, model.base_model_prefix, model)
-        return base
-    return model
+    """The base decoder of a causal LM (`LlamaModel` inside `LlamaForCausalLM`): layers and final norm, no LM head.
+
+    `get_decoder()` is tried first, then the base-model prefix and `model`: the first that holds the decoder layers
+    wins. It is not enough alone: ModernBERT-decoder calls its LM head `decoder`, and Llama 4's prefix names an
+    attribute that its causal LM does not have.
+    """
+    if hasattr(model, "get_base_model"):  # a peft model: the decoder is inside, its layers hold the adapters
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        return model
+    candidates = [
+        model.get_decoder() if hasattr(model, "get_decoder") else None,
+        getattr(model, model.base_model_prefix, None),
+        getattr(model, "model", None),
+    ]
+    for base in candidates:
+        if isinstance(base, nn.Module) and _layer_list(base) is not None:
+            return base
+    return next((base for base in candidates if isinstance(base, nn.Module)), model)
+
+
+def _layer_list(base: nn.Module) -> nn.ModuleList | None:
+    """The first attribute of `base` named in `LAYER_NAMES` that is a `ModuleList`."""
+    for name in LAYER_NAMES:
+        found = getattr(base, name, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    return None
 
 
 def find_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
@@ -39,15 +83,20 @@ def find_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
         if not isinstance(found, nn.ModuleList):
             raise ValueError(f"{path!r} in {type(model).__name__} is a {type(found).__name__}, not a ModuleList.")
         return found
-    base = decoder(model)
-    for name in LAYER_NAMES:
-        found = getattr(base, name, None)
-        if isinstance(found, nn.ModuleList):
-            return found
+    found = _layer_list(decoder(model))
+    if found is not None:
+        return found
     raise ValueError(
         f"Cannot find the decoder layers of {type(model).__name__}; give their dotted path in the config "
         "(e.g. `layers_path: model.layers`)."
     )
+
+
+def check_layer_count(model: nn.Module, path: str | None, who: str) -> None:
+    """The decoder layers found must be as many as the config says: otherwise capture points would be misnamed."""
+    layers = len(find_layers(model, path))
+    if layers != model.config.num_hidden_layers:
+        raise ValueError(f"The {who} has {layers} layers but its config says {model.config.num_hidden_layers}.")
 
 
 def set_layers(model: nn.Module, layers: nn.ModuleList, path: str | None = None) -> None:
@@ -63,9 +112,12 @@ def set_layers(model: nn.Module, layers: nn.ModuleList, path: str | None = None)
 
 
 def find_final_norm(model: nn.Module) -> nn.Module:
-    """The final norm applied after the last decoder layer (`model.norm`, `transformer.ln_f`)."""
+    """The final norm applied after the last decoder layer (`model.norm`, `transformer.ln_f`): the module whose
+    output the LM head reads. `tests/test_families.py` proves the pick for every transformers causal-LM family."""
     base = decoder(model)
-    for name in NORM_NAMES:
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    names = (FINAL_NORM_BY_FAMILY[family],) if family in FINAL_NORM_BY_FAMILY else NORM_NAMES
+    for name in names:
         found = getattr(base, name, None)
         if isinstance(found, nn.Module):
             return found

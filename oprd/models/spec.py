@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from oprd.models.layers import pruned_config
+from oprd.models.lora import LoraSettings, add_lora
 from oprd.models.prune import check_keep_layers, every_kth, prune_layers
 from oprd.models.width import WidthPrune, importance, prune_width, width_pruned_config
 
@@ -43,6 +44,8 @@ class ModelSpec:
     """Depth-prune: keep every k-th decoder layer (0, k, 2k, ...); pair with `layer_map: pruned`."""
     width: WidthPrune | None = None
     """Width-prune: fewer hidden channels, attention heads or MLP neurons, ranked by activation (Minitron)."""
+    lora: LoraSettings | None = None
+    """Train a LoRA adapter (peft) instead of every weight: only the adapter is trained and checkpointed."""
     layers_path: str | None = None
     """Dotted path to the decoder layers when oprd cannot find them (e.g. `model.layers`)."""
     trust_remote_code: bool = False
@@ -59,6 +62,8 @@ class ModelSpec:
             raise ValueError("Give `keep_layers` or `keep_every`, not both.")
         if isinstance(self.width, dict):  # the YAML round-trip of a checkpoint's hyper-parameters
             self.width = WidthPrune(**self.width)
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
 
     @property
     def pruned(self) -> bool:
@@ -141,6 +146,8 @@ def load_model(spec: ModelSpec, config: PretrainedConfig, tokenizer=None) -> tor
         model = _prune_width(model, spec, tokenizer)
     if keep is not None:
         model = prune_layers(model, keep, spec.layers_path)
+    if spec.lora is not None:
+        model = add_lora(model, spec.lora, spec.seed)
     log.info("Loaded %s (%.1fM parameters)", spec.describe(), sum(p.numel() for p in model.parameters()) / 1e6)
     return model
 

@@ -21,8 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums, mean_cosine
-from oprd.losses.lm_head import Head, token_loss_sum_from_hidden
-from oprd.losses.token import TokenLossConfig, with_model_logit_transforms
+from oprd.losses.lm_head import Head, sampled_logprobs, token_loss_sum_from_hidden
+from oprd.losses.token import (
+    TokenLossConfig,
+    check_head_reproducible,
+    check_same_logit_transforms,
+    with_model_logit_transforms,
+)
 from oprd.losses.weighting import LayerWeighting
 from oprd.models.capture import NORM, Point
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, check_rank
@@ -64,6 +69,8 @@ class LossTerms:
     """The hidden term's effective weight (mu, times the balance ratio when balancing)."""
     token_weight: float = 1.0
     """The token term's weight."""
+    rollout_logprob_gap: Tensor | None = None
+    """Mean |engine log-prob - the student's own| of the sampled tokens, for engines that report them."""
 
     def metrics(self, tokens: Tensor) -> dict[str, Tensor]:
         """Per-token values: `loss`, `hidden`, `hidden/<pair>`, `cos/<pair>`, `hidden_weight`, and with a token term
@@ -80,6 +87,8 @@ class LossTerms:
         if self.token is not None:
             metrics["token_kl"] = self.token.detach() / tokens
             metrics["token_weight"] = torch.tensor(float(self.token_weight))
+        if self.rollout_logprob_gap is not None:
+            metrics["rollout_logprob_gap"] = self.rollout_logprob_gap
         return metrics
 
     def named(self) -> dict[str, Tensor]:
@@ -128,6 +137,10 @@ class Objective(nn.Module):
         super().__init__()
         if hidden_weight <= 0 and token_loss is None:
             raise ValueError("Nothing to optimise: set hidden_weight > 0, or a token_loss (e.g. --config opd.yaml).")
+        # Held-out scoring reads both LM heads whatever the objective: each must be reproducible from its final state.
+        check_head_reproducible(student_config)
+        check_head_reproducible(teacher_config)
+        check_same_logit_transforms(student_config, teacher_config)
         self.pairs = list(pairs) if hidden_weight > 0 else []
         self.hidden_loss, self.hidden_weight = hidden_loss, hidden_weight
         self.token_loss = with_model_logit_transforms(token_loss, student_config)
@@ -206,6 +219,15 @@ class Objective(nn.Module):
             terms.token_weight = self.token_weight
             terms.loss = self.token_weight * terms.token + terms.hidden_weight * terms.hidden
         return terms
+
+    def rollout_logprob_gap(self, student_norm: Tensor, roll: Rollout, heads: Heads) -> Tensor:
+        """Mean |log p_engine(y_t) - log p_student(y_t)| over the sampled response tokens: zero when the engine samples
+        exactly the policy being trained."""
+        mask = roll.response_mask[:, 1:]
+        own = sampled_logprobs(
+            student_norm[:, :-1], heads.student, roll.input_ids[:, 1:], mask, self.eval_kl, self.vocab_size
+        )
+        return (roll.logprobs[:, 1:][mask.bool()] - own).abs().mean()
 
     def teacher_stds(self, targets: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
         """Per pair, the teacher's running standard deviation per dimension `[d_t]`, first updated with this batch's

@@ -6,6 +6,7 @@ The default, `hf`, is Hugging Face `generate` on the live student (`oprd.rollout
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
@@ -19,6 +20,9 @@ class RolloutEngine(ABC):
     An engine that keeps its own copy of the weights (vLLM, SGLang) must refresh it in `sync_weights`, which
     DistillModule calls after every optimizer step: rollouts from stale weights are off-policy.
     """
+
+    sync_s: float | None = None
+    """Seconds the last weight sync took (None: the engine reads the live model)."""
 
     @abstractmethod
     def generate(
@@ -38,6 +42,14 @@ class RolloutEngine(ABC):
         live model)."""
         return None
 
+    def sleep(self) -> None:
+        """Free what the engine holds on the accelerator while the trainer updates (no-op by default)."""
+        return None
+
+    def wake(self) -> None:
+        """Take back what `sleep` freed, before the next rollout."""
+        return None
+
 
 class HFGenerateEngine(RolloutEngine):
     """`model.generate` with KV cache on the live student (the default): see `rollout`."""
@@ -46,7 +58,8 @@ class HFGenerateEngine(RolloutEngine):
         return rollout(model, tokenizer, input_ids, attention_mask, config, seed=seed, synced_gpus=synced_gpus)
 
 
-ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFGenerateEngine}
+ENGINES: dict[str, type[RolloutEngine] | str] = {"hf": HFGenerateEngine, "vllm": "oprd.rollout.vllm:VLLMEngine"}
+"""Engine name -> class, or `module:Class` imported on first use (an optional dependency never loads before)."""
 
 
 def register_engine(name: str, engine: type[RolloutEngine]) -> None:
@@ -63,4 +76,8 @@ def get_engine(name: str) -> RolloutEngine:
             f"Unknown rollout engine {name!r}; registered: {', '.join(sorted(ENGINES))}. Register your own with "
             "oprd.rollout.register_engine."
         )
-    return ENGINES[name]()
+    engine = ENGINES[name]
+    if isinstance(engine, str):
+        module, _, attribute = engine.partition(":")
+        engine = getattr(importlib.import_module(module), attribute)
+    return engine()

@@ -35,7 +35,21 @@ class RolloutConfig:
     do_sample: bool = True
     """Sample (True) or decode greedily (False)."""
     engine: str = "hf"
-    """Rollout engine: `hf` (transformers `generate` on the live student), or a name given to `register_engine`."""
+    """Rollout engine: `hf` (transformers `generate` on the live student), `vllm` (an in-process vLLM engine with a
+    copy of the student's weights), or a name given to `register_engine`."""
+    lmbda: float = 1.0
+    """GKD's lambda (arXiv 2306.13649): the fraction of steps whose responses the student samples itself; the rest are
+    off-policy: the data's `response` (or, with `seq_kd`, the teacher's samples)."""
+    seq_kd: bool = False
+    """Off-policy steps sample their responses from the teacher (sequence-level KD) instead of reading the data's."""
+    sync_every: int = 1
+    """Copy the student's weights into an engine that keeps its own (`vllm`) every N optimizer steps."""
+    vllm_kv_cache_gb: float = 1.0
+    """vLLM on CPU: memory for its KV cache (GiB)."""
+    vllm_gpu_memory: float = 0.3
+    """vLLM on a GPU: the fraction of GPU memory it may take (weights and KV cache)."""
+    vllm_sleep: bool = True
+    """vLLM on a GPU: sleep between rollouts, so its memory is free while the trainer updates."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -46,6 +60,10 @@ class RolloutConfig:
             raise ValueError(
                 f"temperature must be > 0 when sampling, got {self.temperature}; set do_sample: false for greedy."
             )
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda must lie in [0, 1] (1: every step on-policy), got {self.lmbda}.")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1, got {self.sync_every}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}; 1.0 keeps the whole distribution.")
 
@@ -62,6 +80,8 @@ class Rollout:
     """`[b*n, t]` 1 on response tokens up to and including the first EOS; 0 on prompt and padding."""
     prompt_length: int
     """p: the response starts at this position."""
+    logprobs: Tensor | None = None
+    """`[b*n, t]` the engine's log-probability of each sampled response token (0 elsewhere), when it reports them."""
 
     @property
     def response_lengths(self) -> Tensor:
@@ -71,9 +91,9 @@ class Rollout:
         """The same rollout on `device` (itself when it is there already)."""
         if self.input_ids.device == torch.device(device):
             return self
-        return Rollout(
-            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.prompt_length
-        )
+        logprobs = None if self.logprobs is None else self.logprobs.to(device)
+        masks = (self.attention_mask.to(device), self.response_mask.to(device))
+        return Rollout(self.input_ids.to(device), *masks, self.prompt_length, logprobs)
 
     def responses(self) -> list[Tensor]:
         """Each sequence's response tokens (without padding)."""
@@ -148,6 +168,34 @@ def rollout(
         attention_mask=torch.cat([attention_mask, resp_mask], dim=1),
         response_mask=torch.cat([prompt_zeros, resp_mask], dim=1),
         prompt_length=prompt_length,
+    )
+
+
+def rollout_from_responses(
+    tokenizer, input_ids: Tensor, attention_mask: Tensor, responses: list[str], eos: list[int], max_new_tokens: int
+) -> Rollout:
+    """A `Rollout` of given responses (off-policy: from the data) in the layout `rollout` returns: each response's
+    tokens, then EOS, cut at `max_new_tokens`, right-padded.
+
+    Args:
+        input_ids: `[b, p]` left-padded prompts, one per response.
+    """
+    rows = [
+        tokenizer(text, add_special_tokens=False)["input_ids"][: max_new_tokens - 1] + eos[:1] for text in responses
+    ]
+    width = max(len(row) for row in rows)
+    padded = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.tensor(row, dtype=input_ids.dtype)
+    resp_mask = (
+        torch.arange(width, device=input_ids.device)
+        < torch.tensor([len(r) for r in rows], device=input_ids.device)[:, None]
+    ).long()
+    return Rollout(
+        input_ids=torch.cat([input_ids, padded], dim=1),
+        attention_mask=torch.cat([attention_mask, resp_mask], dim=1),
+        response_mask=torch.cat([torch.zeros_like(attention_mask), resp_mask], dim=1),
+        prompt_length=input_ids.shape[1],
     )
 
 

@@ -141,11 +141,19 @@ def load_checkpoint(ckpt_path: str | Path, flag: str = "--ckpt_path") -> dict[st
 # ---- shape check --------------------------------------------------------------------------------------------------
 
 
-def check_state_shapes(module: torch.nn.Module, state_dict: Mapping[str, Any], source: str = "the checkpoint") -> None:
+def check_state_shapes(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, Any],
+    source: str = "the checkpoint",
+    optional: set[str] = frozenset(),
+) -> None:
     """Refuse a state dict whose tensors do not fit `module`, naming every mismatch and its shapes.
 
     A checkpoint from a student of another width (or a teacher of another width, through the projectors, which are
     `[d_T, d_S]`) would otherwise fail deep inside `load_state_dict`, after the models were built.
+
+    Args:
+        optional: keys the state dict may lack (a LoRA student's frozen base weights, rebuilt from its model path).
 
     Raises:
         ValueError: e.g. `projectors.proj.1_3.weight is [64, 32] in the checkpoint but [64, 16] in this model`.
@@ -155,7 +163,7 @@ def check_state_shapes(module: torch.nn.Module, state_dict: Mapping[str, Any], s
     # Projectors first: their `[d_T, d_S]` names both widths at once.
     keys.sort(key=lambda k: "projectors." not in k)
     wrong = [f"{k} is {list(state_dict[k].shape)} in {source} but {list(own[k].shape)} in this model" for k in keys]
-    extra, missing = sorted(set(state_dict) - set(own)), sorted(set(own) - set(state_dict))
+    extra, missing = sorted(set(state_dict) - set(own)), sorted(set(own) - set(state_dict) - set(optional))
     if extra or missing:
         named = [f"holds {len(extra)} tensors this model does not have (e.g. {extra[0]})"] if extra else []
         named += [f"lacks {len(missing)} of this model's tensors (e.g. {missing[0]})"] if missing else []

@@ -79,3 +79,13 @@ def retune_saved_optimizer(config: OptimConfig, checkpoint: dict) -> None:
     for state in checkpoint.get("lr_schedulers", []):
         if "base_lrs" in state:
             state["base_lrs"] = rates[: len(state["base_lrs"])]
+
+
+def scale_gradients(optimizer: torch.optim.Optimizer, factor: torch.Tensor | float) -> None:
+    """Multiply every gradient the optimizer will use by `factor` (a Python float: FSDP2 gradients are DTensors,
+    which refuse arithmetic with plain tensors)."""
+    factor = float(factor)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.mul_(factor)

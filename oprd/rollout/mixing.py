@@ -1,0 +1,36 @@
+"""On- and off-policy responses (GKD, arXiv 2306.13649): the student's own samples on a fraction `lambda` of the
+steps, the others from the data's reference responses or, for sequence-level KD, from the teacher."""
+
+from __future__ import annotations
+
+import random
+
+from oprd.data import format_prompts
+from oprd.rollout.sampling import Rollout, eos_ids, rollout_from_responses
+
+
+def is_on_policy(lmbda: float, seed: int) -> bool:
+    """Whether a step samples the student: a coin of bias `lmbda` flipped from the step's seed, so a resumed run
+    makes the same choices."""
+    return lmbda >= 1 or random.Random(seed).random() < lmbda
+
+
+def step_responses(module, batch: dict[str, list], seed: int) -> tuple[Rollout, bool]:
+    """A step's responses for `module` (a DistillModule), and whether they are the student's own."""
+    config = module.rollout_cfg
+    if is_on_policy(config.lmbda, seed):
+        return module.sample(batch["prompt"], config, seed=seed), True
+    if config.seq_kd:
+        return module.sample(batch["prompt"], config, seed=seed, model=module.teacher), False
+    if any(response is None for response in batch["response"]):
+        raise ValueError(
+            'rollout.lmbda < 1 takes off-policy responses from the data, and a prompt has no "response": add one to '
+            "every line, or set rollout.seq_kd: true to sample them from the teacher."
+        )
+    hp = module.hparams
+    prompts = format_prompts(module.tokenizer, batch["prompt"], hp.max_prompt_length, hp.truncate_prompts)
+    eos = eos_ids(module.student, module.tokenizer)
+    roll = rollout_from_responses(
+        module.tokenizer, prompts["input_ids"], prompts["attention_mask"], batch["response"], eos, config.max_new_tokens
+    )
+    return roll.to(module.device), False

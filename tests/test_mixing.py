@@ -1,0 +1,72 @@
+"""GKD-style on/off-policy mixing (lambda, sequence-level KD) and sampled evaluation (Avg@k, Best@k)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from oprd.data import PromptDataModule
+from oprd.evaluation.scoring import sampled_accuracy
+from oprd.rollout import RolloutConfig
+from oprd.rollout.mixing import step_responses
+from oprd.rollout.sampling import Rollout
+from tests.conftest import make_module, trainer
+
+
+def _fit_kinds(tmp_path, steps: int, **rollout) -> tuple[list[float], object]:
+    module = make_module(rollout=RolloutConfig(max_new_tokens=8, **rollout))
+    calls = {"student": 0, "teacher": 0}
+    original = module.sample
+
+    def sample(prompts, config, seed=None, model=None):
+        calls["teacher" if model is module.teacher else "student"] += 1
+        return original(prompts, config, seed=seed, model=model)
+
+    module.sample = sample
+    from lightning.pytorch.loggers import CSVLogger
+
+    fit = trainer(tmp_path, max_steps=steps, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    fit.fit(module, PromptDataModule(batch_size=2))
+    (metrics,) = tmp_path.glob("**/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    kinds = [float(r["train/on_policy"]) for r in rows if r.get("train/on_policy")]
+    return kinds, calls
+
+
+def test_lambda_is_the_fraction_of_on_policy_steps_and_each_step_is_logged(tmp_path):
+    kinds, calls = _fit_kinds(tmp_path / "mixed", 40, lmbda=0.5)
+    assert len(kinds) == 40 and 0.3 <= sum(kinds) / 40 <= 0.7  # 40 seeded coin flips at 0.5
+    assert calls == {"student": sum(kinds), "teacher": 0}  # off-policy steps read the data's responses
+    again, _ = _fit_kinds(tmp_path / "again", 40, lmbda=0.5)
+    assert again == kinds  # the choice derives from the step's seed: a resumed run makes the same one
+
+
+def test_sequence_level_kd_samples_off_policy_responses_from_the_teacher(tmp_path):
+    kinds, calls = _fit_kinds(tmp_path, 6, lmbda=0.0, seq_kd=True)
+    assert kinds == [0.0] * 6 and calls == {"student": 0, "teacher": 6}
+
+
+def test_off_policy_responses_come_from_the_data(tmp_path):
+    module = make_module(rollout=RolloutConfig(max_new_tokens=8, lmbda=0.0))
+    batch = {"prompt": ["What is 1 plus 2?", "What is 3 plus 4?"], "answer": ["3", "7"]}
+    batch["response"] = ["1 + 2 = 3.", "3 + 4 = 7."]
+    roll, on_policy = step_responses(module, batch, seed=0)
+    assert not on_policy
+    texts = module.tokenizer.batch_decode(roll.responses(), skip_special_tokens=True)
+    assert texts == batch["response"]
+    assert int(roll.response_mask[0].sum()) == len(module.tokenizer("1 + 2 = 3.")["input_ids"]) + 1  # and EOS
+    with pytest.raises(ValueError, match='a prompt has no "response"'):
+        step_responses(module, {**batch, "response": [None, None]}, seed=0)
+
+
+def test_avg_at_k_and_best_at_k_on_a_fixed_sampler(monkeypatch):
+    module = make_module(eval_samples=3)
+    # Two prompts, three samples each: prompt 1 gets 1 of 3 right, prompt 2 none.
+    texts = ["3", "5", "x", "7 is not it", "no", "8"]
+    monkeypatch.setattr(module, "sample", lambda prompts, config, seed=None: Rollout(
+        torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), torch.ones(6, 1), 0))  # fmt: skip
+    monkeypatch.setattr(module, "decode", lambda roll: texts)
+    metrics = sampled_accuracy(module, ["What is 1 plus 2?", "What is 3 plus 4?"], ["3", "9"], 3)
+    assert metrics["accuracy_avg@3"] == pytest.approx(1 / 6) and metrics["accuracy_best@3"] == pytest.approx(0.5)
