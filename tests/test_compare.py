@@ -62,8 +62,18 @@ def test_compare_logs_one_wandb_run_per_objective_and_rate_in_one_group(compared
     infos = [wandb_reader.run(d) for d in run_dirs]
     assert sorted(i["name"] for i in infos) == ["opd-lr0.01", "oprd-lr0.003", "oprd-lr0.01"]
     assert {i["group"] for i in infos} == {result["summary"]["group"]}
-    for run_dir in run_dirs:
-        assert any("train/loss" in row for row in wandb_reader.history(run_dir))
+    for run_dir, info in zip(run_dirs, infos, strict=True):
+        history = wandb_reader.history(run_dir)
+        assert any("train/loss" in row for row in history)
+        objective, lr = {"opd-lr0.01": ("opd", 1e-2), "oprd-lr0.003": ("oprd", 3e-3), "oprd-lr0.01": ("oprd", 1e-2)}[
+            info["name"]
+        ]
+        logged = [row["compare/test/reverse_kl"] for row in history if "compare/test/reverse_kl" in row]
+        scored = [
+            r["reverse_kl"] for r in result["rows"] if (r["objective"], r["lr"], r["split"]) == (objective, lr, "test")
+        ]
+        assert logged[-1] == scored[-1] and len(logged) >= 2  # the held-out curve is in W&B too
+        assert any("compare/arithmetic-rephrased/accuracy" in row for row in history)
 
 
 def test_learning_rate_grids_and_bad_settings_are_parsed_and_refused():

@@ -112,7 +112,7 @@ def show_progress_logs() -> None:
     log.setLevel(logging.INFO)
 
 
-def _quiet_startup() -> None:
+def quiet_startup() -> None:
     """Drop what every run would otherwise print that is not about the run: Lightning's advertisement for its cloud
     logger, and a deprecation warning raised inside Lightning's own code (nothing a user can act on)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
@@ -143,7 +143,7 @@ def main(args: list[str] | None = None) -> None:
     # Tokenizers' thread pool forks badly under DataLoader workers and prints a warning per process.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     show_progress_logs()
-    _quiet_startup()
+    quiet_startup()
     argv = sys.argv[1:] if args is None else list(args)
     debug = "--debug" in argv or bool(os.environ.get("OPRD_DEBUG"))
     argv = [arg for arg in argv if arg != "--debug"]

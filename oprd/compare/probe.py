@@ -66,8 +66,10 @@ class CompareProbe(L.Callback):
         was_training = module.training
         module.eval()
         for split, items in sets.items():
-            row = {"step": step, "split": split, "train_s": self.train_s, **evaluate(module, items, self.batch_size)}
-            self.rows.append(row)
+            scores = evaluate(module, items, self.batch_size)
+            self.rows.append({"step": step, "split": split, "train_s": self.train_s, **scores})
+            if module.logger is not None:  # the held-out curves of every run, side by side in the W&B group
+                module.logger.log_metrics({f"compare/{split}/{k}": v for k, v in scores.items()}, step=step)
         module.train(was_training)
 
     def on_train_start(self, trainer, module) -> None:

@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,9 +132,11 @@ def run_isolated(settings: CompareSettings, objective: str, lr: float | None, in
 
 
 def _child(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None) -> tuple:
-    from oprd.cli.main import show_progress_logs
+    from oprd.cli.main import quiet_startup, show_progress_logs
 
     show_progress_logs()
+    quiet_startup()
+    del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
     probe = run_one(settings, objective, lr, initial)
     return probe.rows, probe.summary()
 
