@@ -1,4 +1,4 @@
-"""Loss-level memory and time: forward + backward of one distillation loss on synthetic hidden states (issue 5, part 1).
+"""Loss-level memory and time: forward + backward of one distillation loss on synthetic hidden states.
 
 Shape legend:
     n  tokens (B*T, all kept)
@@ -52,15 +52,15 @@ from oprd.training.throughput import SavedBytes
 
 NAME = "loss_memory"
 GRIDS = {
-    # The issue's grid: Qwen-, SmolLM2- and Llama-sized vocabularies, SmolLM2 (576) and Qwen2.5-1.5B (1536) widths.
-    "issue": {"vocab": [32768, 49152, 151936], "tokens": [1024, 4096, 16384], "width": [576, 1536], "layers": [15, 28]},
-    # What a shared 2-core CPU gets through in minutes: the issue's smallest token count and two below it.
+    # The grid: Qwen-, SmolLM2- and Llama-sized vocabularies, SmolLM2 (576) and Qwen2.5-1.5B (1536) widths.
+    "full": {"vocab": [32768, 49152, 151936], "tokens": [1024, 4096, 16384], "width": [576, 1536], "layers": [15, 28]},
+    # What a shared 2-core CPU gets through in minutes: the grid's smallest token count and two below it.
     "cpu": {"vocab": [32768, 49152], "tokens": [256, 512, 1024], "width": [576], "layers": [15, 28]},
     "quick": {"vocab": [8192], "tokens": [128, 256], "width": [576], "layers": [15]},
 }
 # LM-head chunk per grid: oprd's default (1024) where the token counts reach it, smaller where they do not, so the
 # chunked rows still split the tokens into several chunks (their memory grows with the chunk, not with the tokens).
-CHUNK_SIZES = {"issue": 1024, "cpu": 256, "quick": 64}
+CHUNK_SIZES = {"full": 1024, "cpu": 256, "quick": 64}
 HIDDEN = "oprd_hidden_mse"
 TOKEN_LOSSES: dict[str, dict] = {
     "opd_rkl_dense": {"objective": "reverse_kl", "estimator": "exact", "chunked": False},
@@ -303,13 +303,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid: under a minute on a 2-core CPU")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
-    parser.add_argument("--grid", choices=sorted(GRIDS), help="issue (default on CUDA), cpu (default on CPU), quick")
+    parser.add_argument("--grid", choices=sorted(GRIDS), help="full (default on CUDA), cpu (default on CPU), quick")
     parser.add_argument("--tokens", type=int, nargs="+", help="override the grid's token counts")
     parser.add_argument("--vocab", type=int, nargs="+", help="override the grid's vocabularies")
     parser.add_argument("--width", type=int, nargs="+", help="override the grid's widths")
     parser.add_argument("--layers", type=int, nargs="+", help="override the grid's layer counts")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES), help="rows to run")
-    parser.add_argument("--chunk-size", type=int, help="LM-head chunk (default 1024 issue, 256 cpu, 64 quick)")
+    parser.add_argument("--chunk-size", type=int, help="LM-head chunk (default 1024 full, 256 cpu, 64 quick)")
     parser.add_argument("--repeats", type=int, help="timed passes per row, median (default: 3 on CUDA, 1 on CPU)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="skip rows estimated to need more memory")
     parser.add_argument("--max-row-seconds", type=float, default=20.0, help="skip rows estimated to take longer")
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     if args.repeats is None:
         args.repeats = 3 if device.type == "cuda" else 1
-    name = args.grid or ("issue" if device.type == "cuda" else "cpu")
+    name = args.grid or ("full" if device.type == "cuda" else "cpu")
     grid = {key: getattr(args, key) or values for key, values in GRIDS[name].items()}
     args.chunk_size = args.chunk_size or CHUNK_SIZES[name]
     torch.manual_seed(0)

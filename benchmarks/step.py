@@ -1,4 +1,4 @@
-"""Step-level time and memory of one training step, OPRD vs OPD, on a built-in SmolLM2 pair (issue 5, part 2).
+"""Step-level time and memory of one training step, OPRD vs OPD, on a built-in SmolLM2 pair.
 
 Shape legend:
     b  sequences (prompts)
@@ -23,7 +23,7 @@ Model FLOPs utilisation: (2 * params * tokens for the teacher forward + 6 * para
 second of update, over a dense fp32 matmul throughput measured in the same run.
 
     .venv/bin/python -m benchmarks.step [--quick] [--out DIR]
-    .venv/bin/python -m benchmarks.step --batch 8 --response-tokens 1024 --dtype bfloat16   # the issue's headline
+    .venv/bin/python -m benchmarks.step --batch 8 --response-tokens 1024 --dtype bfloat16   # the headline setting
     .venv/bin/python -m benchmarks.step --batch 8 --response-tokens 32 --no-checkpointing
 """
 
@@ -342,8 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
     parser.add_argument("--pair", choices=["pruned", "arith"], default="pruned", help="teacher/student pair")
     parser.add_argument("--models", choices=["smollm2", "tiny"], default="smollm2", help="real or tiny random models")
-    parser.add_argument("--batch", type=int, default=4, help="prompts per step (issue headline: 8)")
-    parser.add_argument("--response-tokens", type=int, default=64, help="response length (issue headline: 1024)")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per step (headline setting: 8)")
+    parser.add_argument("--response-tokens", type=int, default=64, help="response length (headline setting: 1024)")
     parser.add_argument(
         "--checkpointing",
         action=argparse.BooleanOptionalAction,

@@ -1,4 +1,4 @@
-"""Multi-process training on CPU with gloo (issue 7): DDP and FSDP2 give the single-process result.
+"""Multi-process training on CPU with gloo: DDP and FSDP2 give the single-process result.
 
 Every multi-process run is a subprocess (Lightning re-launches the command once per rank) with a timeout. The
 tolerances are float32 round-off: the ranks sum the same terms in another order and all-reduce them (observed

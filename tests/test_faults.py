@@ -1,4 +1,4 @@
-"""Issue 6: exact resume after a real SIGKILL, a checkpoint on SIGTERM / Ctrl-C, atomic writes, bad input refused early.
+"""Exact resume after a real SIGKILL, a checkpoint on SIGTERM / Ctrl-C, atomic writes, bad input refused early.
 
 The run tests drive the real `oprd` console script in subprocesses and signal them as a cluster or a user would.
 """

@@ -1,4 +1,4 @@
-"""CUDA-only checks of issue 7: a bf16 teacher, teacher placement with real moves, peak-memory logging.
+"""CUDA-only checks: a bf16 teacher, teacher placement with real moves, peak-memory logging.
 
 Marked `gpu` and skipped without CUDA (run them with `pytest -m gpu` on a GPU machine).
 """

@@ -1,4 +1,4 @@
-"""Teacher placement (issue 7): another device, or CPU offload between passes; results never change.
+"""Teacher placement: another device, or CPU offload between passes; results never change.
 
 On a CPU-only machine every device is the CPU, so the moves themselves are checked by recording what the placement
 asks for (with a pretend CUDA student); the real moves run in tests/test_gpu.py when CUDA is available.

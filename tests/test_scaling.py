@@ -1,4 +1,4 @@
-"""Single-process parts of issue 7: unreached parameters are frozen, the rollout-engine interface, throughput logs."""
+"""Single-process scaling parts: unreached parameters are frozen, the rollout-engine interface, throughput logs."""
 
 from __future__ import annotations
 
