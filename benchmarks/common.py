@@ -8,8 +8,8 @@ no such counter (and `tracemalloc` cannot see torch tensors), so on CPU two dete
 * `saved_bytes`: bytes of the unique storages saved for backward during the forward
   (`torch.autograd.graph.saved_tensors_hooks`), leaving out storages that already existed (inputs, parameters).
 
-Timings are medians and only ever compared as ratios measured side by side in one run (DESIGN.md: the CPUs these
-run on are shared and noisy).
+Timings are medians and only ever compared as ratios measured side by side in one run (the CPUs these run on
+are shared and noisy).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Same pair, prompts (in the same order), batch, response length, precision, learning rate and number of steps. Per
 method: the median seconds per training step (rollout included), the bytes the update saves for backward (the
-activation memory of the student pass and the loss; on CUDA the peak allocated during the step), and held-out greedy
+activation memory of the student pass and the loss, on any device), and held-out greedy
 accuracy and teacher-scored reverse KL after the last step, all scored by oprd's `score` on the same prompts.
 
 TRL's trainer samples the student's own responses and minimises the generalised JSD with beta = 1, i.e. reverse KL

@@ -77,7 +77,8 @@ PAPER = {"memory_ratio": 0.46, "speedup": 1.44}
 @torch.no_grad()
 def teacher_states_full(module: DistillModule, roll: Rollout) -> tuple[dict, Tensor]:
     """Teacher hidden states at the mapped layers from a full forward that also computes the `[b, t, v]` logits."""
-    capture = HiddenCapture(module.teacher, module.objective.points("teacher"), stop_early=False)
+    points, path = module.objective.points("teacher"), module.layers_paths["teacher"]
+    capture = HiddenCapture(module.teacher, points, path, stop_early=False)
     with capture.capture() as states:
         out = module.teacher(**forward_inputs(roll.input_ids, roll.attention_mask))
         return capture.collected(states), out.logits

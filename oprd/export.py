@@ -82,12 +82,12 @@ def save_folder(model, tokenizer, folder: str | Path, overwrite: bool = False, a
     leaves half a model behind. A non-empty folder is refused unless `overwrite` is set, to never lose a user's model.
     """
     folder = Path(folder)
+    if adapter and not is_lora(model):
+        raise ValueError("--adapter exports a LoRA student's adapter; this student has none (student.lora unset).")
     _refuse_non_empty(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     retired = staging.with_name(staging.name + "-previous")
-    if adapter and not is_lora(model):
-        raise ValueError("--adapter exports a LoRA student's adapter; this student has none (student.lora unset).")
     try:
         (model if adapter else merged(model)).save_pretrained(staging)
         generation_config(model, tokenizer).save_pretrained(staging)

@@ -162,7 +162,7 @@ class DistillModule(L.LightningModule):
         )
         self.student = load_model(student, s_cfg, self.tokenizer).train()  # from_pretrained returns eval mode
         teacher_model = load_model(teacher, t_cfg, self.tokenizer)
-        self.frozen_teacher = FrozenTeacher(teacher_model, placement, teacher.layers_path)
+        self.frozen_teacher = FrozenTeacher(teacher_model, placement)
         for who, model in (("student", self.student), ("teacher", self.teacher)):
             check_layer_count(model, self.layers_paths[who], who)
         # What the loss cannot reach gets no gradient: frozen, so DDP finds no unused parameters.
@@ -186,7 +186,8 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         self.engine.wake()
-        roll, on_policy = step_responses(self, batch, seed=self._rollout_seed(batch_idx))
+        coin_seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, rank=0)  # the same on every rank
+        roll, on_policy = step_responses(self, batch, self._rollout_seed(batch_idx), coin_seed)
         self.engine.sleep()  # an engine on the GPU frees its memory for the update
         self.meter.rollout_done(int(roll.response_mask.sum()))
         terms = self.distill(roll)

@@ -130,10 +130,27 @@ def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
 
 @pytest.mark.parametrize("fragment", TOKEN_FRAGMENTS, ids=lambda p: p.name)
 def test_objective_fragments_train_and_log_token_kl(fragment, tmp_path):
-    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(fragment), "--trainer.max_steps", "3",
-          "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(tmp_path),
-          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-          "--data.max_val_prompts", "4"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--config",
+            str(fragment),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.max_val_prompts",
+            "4",
+        ]
+    )
     (metrics_file,) = tmp_path.glob("**/metrics.csv")
     rows = list(csv.DictReader(metrics_file.open()))
     kl = [float(r["train/token_kl"]) for r in rows if r.get("train/token_kl")]

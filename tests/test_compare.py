@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from rich.console import Console
 
 from oprd.cli import main
 from oprd.cli.compare import parse_lrs
+from oprd.compare.report import print_table
 from oprd.compare.runner import CompareSettings
 from tests import wandb_reader
 from tests.conftest import ROOT
@@ -49,9 +51,12 @@ def test_compare_starts_every_run_from_the_same_weights_and_scores_every_n_steps
     for run in result["runs"]:
         rows = [r for r in result["rows"] if (r["objective"], r["lr"]) == (run["objective"], run["lr"])]
         assert sorted({r["step"] for r in rows if r["split"] == "test"}) == [0, 2, 4]
-    starts = {json.dumps({k: v for k, v in r.items() if k not in ("objective", "lr")}, sort_keys=True)
+    # Each run scores its own step 0: the same weights give the same answers and KL whatever the objective (its
+    # hidden term and per-pair cosines differ: OPD has no layer pairs).
+    own = ("objective", "lr", "hidden", "cos", "cos_final")
+    starts = {json.dumps({k: v for k, v in r.items() if k not in own}, sort_keys=True)
               for r in result["rows"] if r["step"] == 0 and r["split"] == "test"}  # fmt: skip
-    assert len(starts) == 1
+    assert len(starts) == 1 and len([r for r in result["rows"] if r["step"] == 0 and r["split"] == "test"]) == 3
     test, selection = (_final(result, "oprd", 3e-3, s) for s in ("test", "selection"))
     assert test["reverse_kl"] != selection["reverse_kl"]  # two different halves of the held-out prompts
 
@@ -74,6 +79,18 @@ def test_compare_logs_one_wandb_run_per_objective_and_rate_in_one_group(compared
         ]
         assert logged[-1] == scored[-1] and len(logged) >= 2  # the held-out curve is in W&B too
         assert any("compare/arithmetic-rephrased/accuracy" in row for row in history)
+
+
+def test_the_table_names_each_objectives_chosen_rate_as_written_on_the_command_line(compared):
+    _, result = compared
+    console = Console(record=True, width=80)  # as narrow as a log file's
+    print_table(result, console)
+    main_table = console.export_text().split("final weights on")[0]
+    rows = {
+        line.split()[1]: line.split()[3] for line in main_table.splitlines() if line.split()[1:2] in (["oprd"], ["opd"])
+    }
+    chosen = result["summary"]["objectives"]
+    assert rows == {name: {3e-3: "3e-3", 1e-2: "1e-2"}[entry["lr"]] for name, entry in chosen.items()}
 
 
 def test_learning_rate_grids_and_bad_settings_are_parsed_and_refused():

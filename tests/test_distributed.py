@@ -89,7 +89,7 @@ def reference(rollouts, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("shard_teacher", [False, True], ids=["ddp", "ddp-sharded-teacher"])
 def test_ddp_gradient_is_the_single_process_gradient_of_the_whole_batch(rollouts, reference, tmp_path, shard_teacher):
-    """Global normalisation across ranks and micro-batches (DESIGN.md), on 2 gloo processes.
+    """Global normalisation across ranks and micro-batches (every token weighs the same), on 2 gloo processes.
 
     Step 0 gives rank 0 6 response tokens (micro-batches of 3 and 3) and rank 1 24 (4 and 20): a per-rank or
     per-micro-batch mean would weight rank 0's tokens 4x more than rank 1's. Dividing each rank's token sum by the

@@ -69,11 +69,12 @@ def test_export_writes_the_merged_model_or_the_adapter(trained, tmp_path):
         torch.testing.assert_close(PeftModel.from_pretrained(base, adapter).eval()(ids).logits, expected)
 
 
-def test_bad_lora_settings_are_refused():
+def test_bad_lora_settings_are_refused(tmp_path):
+    from oprd.export import save_folder
+
     with pytest.raises(ValueError, match="lora.r must be >= 1"):
         LoraSettings(r=0)
+    module = make_module()
     with pytest.raises(ValueError, match="--adapter exports a LoRA student's adapter"):
-        from oprd.export import save_folder
-
-        module = make_module()
-        save_folder(module.student, module.tokenizer, "unused", adapter=True)
+        save_folder(module.student, module.tokenizer, tmp_path / "unused", adapter=True)
+    assert not list(tmp_path.iterdir())  # refused before anything is written

@@ -68,8 +68,8 @@ def test_masked_mean_global_denominator_and_empty_mask():
 
 
 def test_micro_batches_with_step_denominator_equal_the_full_batch():
-    # The loss of a step is the sum over all micro-batches divided by the step's token count (DESIGN.md),
-    # so splitting a batch with unequal response lengths must not change the gradient.
+    # The loss of a step is the sum over all micro-batches divided by the step's token count (every token weighs
+    # the same), so splitting a batch with unequal response lengths must not change the gradient.
     s, t, m = _batch(b=4, seed=1)
     m = torch.cat([m, torch.ones(1, 6, dtype=torch.long)])[:4]
     full = hidden_mse(s, t, m) / m.sum()

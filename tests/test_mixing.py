@@ -11,7 +11,7 @@ from oprd.data import PromptDataModule
 from oprd.evaluation.scoring import sampled_accuracy
 from oprd.rollout import RolloutConfig
 from oprd.rollout.mixing import step_responses
-from oprd.rollout.sampling import Rollout
+from oprd.rollout.sampling import Rollout, rollout_seed
 from tests.conftest import make_module, trainer
 
 
@@ -70,3 +70,14 @@ def test_avg_at_k_and_best_at_k_on_a_fixed_sampler(monkeypatch):
     monkeypatch.setattr(module, "decode", lambda roll: texts)
     metrics = sampled_accuracy(module, ["What is 1 plus 2?", "What is 3 plus 4?"], ["3", "9"], 3)
     assert metrics["accuracy_avg@3"] == pytest.approx(1 / 6) and metrics["accuracy_best@3"] == pytest.approx(0.5)
+
+
+def test_every_rank_takes_the_same_branch_whatever_its_sampling_seed():
+    # A sharded student generates in lockstep across ranks: the on/off-policy coin must not depend on the rank.
+    module = make_module(rollout=RolloutConfig(max_new_tokens=4, lmbda=0.5))
+    batch = {"prompt": ["What is 1 plus 2?"], "answer": ["3"], "response": ["1 + 2 = 3."]}
+    for batch_idx in range(12):
+        coin = rollout_seed(0, 0, batch_idx, rank=0)
+        branches = {step_responses(module, batch, rollout_seed(0, 0, batch_idx, rank), coin)[1] for rank in range(4)}
+        assert len(branches) == 1
+    assert {step_responses(module, batch, seed, None)[1] for seed in range(12)} == {True, False}  # the coin is real

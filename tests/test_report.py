@@ -10,8 +10,16 @@ from tests.conftest import make_module
 def test_report_scores_before_after_teacher_and_exports_a_loadable_student(tmp_path, capsys):
     module = make_module()
     report = DistillReport(num_prompts=6, num_samples=2, batch_size=3)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[report], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[report],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, PromptDataModule(batch_size=2))
     out = capsys.readouterr().out
     assert "student before" in out and "accuracy" in out and "reverse_kl" in out and "exported student" in out

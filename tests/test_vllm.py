@@ -14,6 +14,7 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.models import ModelSpec
+from oprd.models.lora import LoraSettings
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
 from tests.conftest import TEACHER, make_module, trainer
@@ -136,3 +137,23 @@ def test_the_teacher_is_sampled_with_its_own_generate(pair):
     roll = with_vllm.sample(PROMPTS[:2], RolloutConfig(max_new_tokens=4, do_sample=False), model=with_vllm.teacher)
     assert roll.logprobs is None  # not the engine's: it holds the student only
     assert TEACHER["hidden_size"] == with_vllm.teacher.config.hidden_size
+
+
+def test_a_lora_student_is_served_with_its_adapters_folded_in():
+    def lora_module(engine: str):
+        config = RolloutConfig(max_new_tokens=12, engine=engine, vllm_kv_cache_gb=0.25)
+        student = ModelSpec(config=STUDENT, seed=3, lora=LoraSettings(r=4, alpha=8))
+        return make_module(student=student, rollout=config, max_prompt_length=224)
+
+    with_vllm, hf = lora_module("vllm"), lora_module("hf")
+    before = greedy(with_vllm)  # the engine starts from the adapters' zero update: the base model
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in with_vllm.student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    hf.student.load_state_dict(with_vllm.student.state_dict())
+    expected = greedy(hf)  # the adapted student's own greedy answers, through its PeftModel
+    assert responses(before) != responses(expected)
+    with_vllm.engine.sync_weights(with_vllm.student, step=1)
+    assert responses(greedy(with_vllm)) == responses(expected)

@@ -96,5 +96,5 @@ def compare_main(argv: list[str]) -> dict:
     print_table(result)
     json_path = write_json(result, settings.out / "compare.json")
     png = plot(result, settings.out / "compare.png")
-    print(f"wrote {json_path}" + (f" and {png}" if png else " (install matplotlib for compare.png)"))
+    print(f"wrote {json_path} and {png}")
     return result

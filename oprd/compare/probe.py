@@ -36,14 +36,17 @@ def evaluate(module, items: list[dict], batch_size: int) -> dict[str, float]:
 
 
 class CompareProbe(L.Callback):
-    """Scores held-out prompts every `every` optimizer steps and at the end; times steps; measures update memory.
+    """Scores held-out prompts at the start, every `every` optimizer steps and at the end; times steps; measures update
+    memory.
+
+    Lightning runs callbacks' `on_train_batch_end` before the module's, so what the step logged and the evaluation it
+    calls for are taken at the start of the next batch (or at the end of training), outside the module's step timer.
 
     Args:
         heldout: split name -> items (`selection` picks the learning rate, `test` reports it).
         every: optimizer steps between evaluations.
         batch_size: prompts per evaluation batch.
         budget_s: stop after this many seconds of training (None: the Trainer's `max_steps`).
-        initial: the step-0 rows to reuse (every objective starts from the same weights); None evaluates them.
         final_only: split name -> items scored once, on the final weights (e.g. prompts phrased differently).
     """
 
@@ -53,14 +56,14 @@ class CompareProbe(L.Callback):
         every: int,
         batch_size: int,
         budget_s: float | None = None,
-        initial: list[dict] | None = None,
         final_only: dict[str, list[dict]] | None = None,
     ) -> None:
         self.heldout, self.every, self.batch_size, self.budget_s = heldout, every, batch_size, budget_s
         self.final_only = final_only or {}
-        self.rows: list[dict[str, Any]] = [dict(row) for row in initial or []]
+        self.rows: list[dict[str, Any]] = []
         self.train_s, self.update_s, self.memory = 0.0, [], []
         self._started, self._saved, self._stack = 0.0, None, contextlib.ExitStack()
+        self._read_step, self._due = 0, False
 
     def _evaluate(self, module, step: int, sets: dict[str, list[dict]]) -> None:
         was_training = module.training
@@ -72,11 +75,26 @@ class CompareProbe(L.Callback):
                 module.logger.log_metrics({f"compare/{split}/{k}": v for k, v in scores.items()}, step=step)
         module.train(was_training)
 
+    def _take_finished_step(self, trainer, module) -> None:
+        """What the last optimizer step logged, and the evaluation it calls for."""
+        if trainer.global_step == self._read_step:
+            return
+        self._read_step = trainer.global_step
+        metrics = trainer.callback_metrics
+        if "train/update_s" in metrics:
+            self.update_s.append(float(metrics["train/update_s"]))
+        if "train/peak_memory_gb" in metrics:
+            self.memory.append(float(metrics["train/peak_memory_gb"]) * 1024)
+        if self._due:
+            self._evaluate(module, trainer.global_step, self.heldout)
+            self._due = False
+
     def on_train_start(self, trainer, module) -> None:
-        if not self.rows:
-            self._evaluate(module, 0, self.heldout)
+        self._read_step = trainer.global_step
+        self._evaluate(module, trainer.global_step, self.heldout)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._take_finished_step(trainer, module)
         self._started = time.perf_counter()
         if module.device.type != "cuda":
             self._saved = self._stack.enter_context(_saved_bytes(module).track())
@@ -87,20 +105,16 @@ class CompareProbe(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._stack.close()
         self.train_s += time.perf_counter() - self._started
-        metrics = trainer.callback_metrics
-        if "train/update_s" in metrics:
-            self.update_s.append(float(metrics["train/update_s"]))
-        if "train/peak_memory_gb" in metrics:
-            self.memory.append(float(metrics["train/peak_memory_gb"]) * 1024)
-        elif self._saved is not None:
+        if self._saved is not None:
             self.memory.append(self._saved.total / 2**20)
         step = trainer.global_step
         if self.budget_s is not None and self.train_s >= self.budget_s:
             trainer.should_stop = True
-        if step % self.every == 0 or step >= trainer.max_steps or trainer.should_stop:
-            self._evaluate(module, step, self.heldout)
+        if step != self._read_step and (step % self.every == 0 or step >= trainer.max_steps or trainer.should_stop):
+            self._due = True
 
     def on_train_end(self, trainer, module) -> None:
+        self._take_finished_step(trainer, module)
         if self.rows[-1]["step"] != trainer.global_step:
             self._evaluate(module, trainer.global_step, self.heldout)
         self._evaluate(module, trainer.global_step, self.final_only)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from oprd.compare.probe import METRICS
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     """One row per objective: its chosen learning rate, test-split metrics, cost; then the final-only sets."""
-    console = console or Console()
+    # Rich draws 80 columns when the output is not a terminal (a log file, CI): too few for every column.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     summary = result["summary"]
     chosen = summary["objectives"]
     title = "oprd compare: held-out test split, each objective at the learning rate chosen on the selection split"
@@ -26,7 +28,7 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for objective, entry in chosen.items():
         table.add_row(
             objective,
-            _number(entry["lr"]),
+            _rate(entry["lr"]),
             str(entry["steps"]),
             *(_number(entry["test"].get(m)) for m in METRICS),
             _number(entry["update_s"]),
@@ -60,6 +62,14 @@ def _legend() -> str:
     )
 
 
+def _rate(lr: float | None) -> str:
+    """A learning rate as it is written on the command line: `1e-4`, `3e-5` (the config's own: `-`)."""
+    if lr is None:
+        return "-"
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def _number(value) -> str:
     if value is None:
         return "-"
@@ -72,18 +82,13 @@ def write_json(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot(result: dict[str, Any], path: Path) -> Path | None:
-    """Held-out KL and accuracy vs step and vs training seconds, per run; update memory per objective.
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Held-out KL and accuracy vs step and vs training seconds, per run; update memory per objective."""
+    import matplotlib
 
-    Returns None (and writes nothing) when matplotlib is not installed.
-    """
-    try:
-        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     rows = [r for r in result["rows"] if r["split"] == "test"]
     runs = sorted({(r["objective"], r["lr"]) for r in rows}, key=str)
     panels = [("step", "reverse_kl"), ("train_s", "reverse_kl"), ("step", "accuracy"), ("step", "repetition")]

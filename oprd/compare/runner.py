@@ -123,25 +123,25 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
     return args + settings.extra
 
 
-def run_isolated(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None) -> tuple:
+def run_isolated(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
     """`run_one` in a fresh process: every run starts from a clean interpreter (nothing of the previous run's models
     stays in memory), as `oprd fit` would. Returns the probe's rows and summary."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(_child, (settings, objective, lr, initial))
+        return pool.apply(_child, (settings, objective, lr))
 
 
-def _child(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None) -> tuple:
+def _child(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
     from oprd.cli.main import quiet_startup, show_progress_logs
 
     show_progress_logs()
     quiet_startup()
     del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
-    probe = run_one(settings, objective, lr, initial)
+    probe = run_one(settings, objective, lr)
     return probe.rows, probe.summary()
 
 
-def run_one(settings: CompareSettings, objective: str, lr: float | None, initial: list[dict] | None):
+def run_one(settings: CompareSettings, objective: str, lr: float | None):
     """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe."""
     from oprd.cli.main import build_cli
 
@@ -160,7 +160,6 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None, initial
         every,
         hp.val_batch_size,
         budget_s=settings.time_s if settings.budget == "time" else None,
-        initial=initial,
         final_only=final,
     )
     cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, DistillReport)] + [probe]
@@ -174,15 +173,14 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None, initial
 
 def compare(settings: CompareSettings) -> dict[str, Any]:
     """Every objective at every learning rate; returns the rows, each run's cost, and the choice per objective."""
-    rows, runs, initial = [], [], None
+    rows, runs = [], []
     settings.out.mkdir(parents=True, exist_ok=True)
     progress = settings.out / "runs.jsonl"  # each finished run at once: a long comparison stopped half-way keeps them
     progress.write_text("")
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
             log.info("compare: %s", run_name(objective, lr))
-            probe_rows, summary = run_isolated(settings, objective, lr, initial)
-            initial = initial or [row for row in probe_rows if row["step"] == 0]
+            probe_rows, summary = run_isolated(settings, objective, lr)
             rows += [{"objective": objective, "lr": lr, **row} for row in probe_rows]
             runs.append({"objective": objective, "lr": lr, **summary})
             record = {"run": runs[-1], "rows": rows[-len(probe_rows) :]}

@@ -119,6 +119,9 @@ class HiddenLossConfig:
             raise ValueError(f"Unknown hidden loss {self.kind!r}; valid names: {', '.join(HIDDEN_KINDS)}.")
         if self.positions not in POSITIONS:
             raise ValueError(f"Unknown positions {self.positions!r}; valid names: {', '.join(POSITIONS)}.")
+        if self.layer_weights not in get_args(LayerWeights):
+            names = ", ".join(get_args(LayerWeights))
+            raise ValueError(f"Unknown layer_weights {self.layer_weights!r}; valid names: {names}.")
         if self.k < 1:
             raise ValueError(f"k must be at least 1 (positions={self.positions!r} keeps k tokens), got {self.k}.")
 

@@ -101,11 +101,10 @@ class FrozenTeacher:
     Args:
         model: the teacher, frozen and in eval mode.
         placement: its device or CPU offload.
-        layers_path: dotted path to its decoder layers, when they cannot be found automatically.
     """
 
-    def __init__(self, model: nn.Module, placement: TeacherPlacement, layers_path: str | None = None) -> None:
-        self.model, self.placement, self.layers_path = model.eval().requires_grad_(False), placement, layers_path
+    def __init__(self, model: nn.Module, placement: TeacherPlacement) -> None:
+        self.model, self.placement = model.eval().requires_grad_(False), placement
 
     def rest(self, student_device: torch.device) -> None:
         """Move the teacher to where it waits between passes (a sharded teacher stays where FSDP put it)."""

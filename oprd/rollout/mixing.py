@@ -15,10 +15,14 @@ def is_on_policy(lmbda: float, seed: int) -> bool:
     return lmbda >= 1 or random.Random(seed).random() < lmbda
 
 
-def step_responses(module, batch: dict[str, list], seed: int) -> tuple[Rollout, bool]:
-    """A step's responses for `module` (a DistillModule), and whether they are the student's own."""
+def step_responses(module, batch: dict[str, list], seed: int, coin_seed: int | None = None) -> tuple[Rollout, bool]:
+    """A step's responses for `module` (a DistillModule), and whether they are the student's own.
+
+    `seed` samples the responses (one per rank); `coin_seed` (default `seed`) picks on- or off-policy and must be the
+    same on every rank: a sharded student generates in lockstep, so all ranks must take the same branch.
+    """
     config = module.rollout_cfg
-    if is_on_policy(config.lmbda, seed):
+    if is_on_policy(config.lmbda, seed if coin_seed is None else coin_seed):
         return module.sample(batch["prompt"], config, seed=seed), True
     if config.seq_kd:
         return module.sample(batch["prompt"], config, seed=seed, model=module.teacher), False

@@ -26,6 +26,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from oprd.models.lora import merged
 from oprd.rollout.engine import RolloutEngine
 from oprd.rollout.sampling import Rollout, RolloutConfig, eos_ids, response_mask
 from oprd.training.checkpoint import rng_states, set_rng_states
@@ -59,7 +60,7 @@ class VLLMEngine(RolloutEngine):
         self.folder: tempfile.TemporaryDirectory | None = None
         self.sync_s: float | None = None
         self.config: RolloutConfig | None = None
-        self.asleep = False
+        self.asleep, self.on_gpu = False, False
         self.pending: nn.Module | None = None  # a model whose weights reach the engine when it wakes
 
     def generate(self, model, tokenizer, input_ids, attention_mask, config, seed=None, synced_gpus=False) -> Rollout:
@@ -91,11 +92,12 @@ class VLLMEngine(RolloutEngine):
         """Build the engine from the student's current weights."""
         vllm = import_vllm()
         self.folder = tempfile.TemporaryDirectory(prefix="oprd-vllm-")
-        model.save_pretrained(self.folder.name)
+        merged(model).save_pretrained(self.folder.name)  # a LoRA student is served with its adapters folded in
         tokenizer.save_pretrained(self.folder.name)
         device = next(model.parameters()).device
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        if device.type == "cuda":
+        self.on_gpu = device.type == "cuda"
+        if self.on_gpu:
             memory = {"gpu_memory_utilization": config.vllm_gpu_memory, "enable_sleep_mode": config.vllm_sleep}
         else:
             memory = {"kv_cache_memory_bytes": int(config.vllm_kv_cache_gb * 2**30)}
@@ -129,14 +131,15 @@ class VLLMEngine(RolloutEngine):
     def reload(self, model: nn.Module) -> None:
         start = time.perf_counter()
         # Every tensor by name, a tied LM head too: without it the engine keeps sampling from the old head.
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict(keep_vars=False).items()]
+        # A LoRA student's adapters are folded into a copy: the engine holds the plain model's names and weights.
+        weights = [(name, tensor.detach()) for name, tensor in merged(model).state_dict(keep_vars=False).items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()  # cached prompt blocks hold states of the old weights
         self.sync_s = time.perf_counter() - start
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights offloaded, KV cache dropped) while the trainer updates."""
-        if self.llm is not None and self.config.vllm_sleep and torch.cuda.is_available() and not self.asleep:
+        if self.llm is not None and self.config.vllm_sleep and self.on_gpu and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
 

@@ -168,8 +168,9 @@ def check_state_shapes(
         named = [f"holds {len(extra)} tensors this model does not have (e.g. {extra[0]})"] if extra else []
         named += [f"lacks {len(missing)} of this model's tensors (e.g. {missing[0]})"] if missing else []
         raise ValueError(
-            f"{source} {' and '.join(named)}: it was trained with another layer map, projector or model. Use the "
-            "model settings it was trained with (they are stored in it)."
+            f"{source} {' and '.join(named)}: it was trained with another layer map, projector, model or "
+            "hidden loss (`standardized_mse` and `layer_weights: learned` keep state). Use the model settings it was "
+            "trained with (they are stored in it)."
         )
     if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
