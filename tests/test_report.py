@@ -34,3 +34,16 @@ def test_report_scores_before_after_teacher_and_exports_a_loadable_student(tmp_p
     ours = module.student.generate(ids, max_new_tokens=6, do_sample=False)
     theirs = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, theirs)
+
+
+def test_a_folder_with_other_files_is_kept_and_the_student_exported_beside_it(tmp_path, caplog):
+    mine = tmp_path / "student" / "config.json"
+    mine.parent.mkdir()
+    mine.write_text('{"mine": true}')  # e.g. a model saved there by hand, or by an oprd without export markers
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[DistillReport(num_prompts=2, num_samples=1, batch_size=2)])  # fmt: skip
+    trainer.fit(make_module(), PromptDataModule(batch_size=2))
+    assert mine.read_text() == '{"mine": true}'
+    (beside,) = tmp_path.glob("student-*")
+    assert (beside / "config.json").is_file() and "Exporting to" in caplog.text

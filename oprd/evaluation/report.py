@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,17 @@ class DistillReport(L.Callback):
             _, rows = self._score(module, items, "student", per_row=True)
             self._log_table(trainer, f"samples/step_{step}", rows)
 
+    @staticmethod
+    def _export(module, folder: Path) -> Path:
+        """Export into `folder`, replacing an earlier export there. A folder holding other files is left as it is and
+        the student goes beside it: a finished run does not fail, and no one's files are lost, over its export."""
+        try:
+            return export_student(module, folder, overwrite=True)
+        except FileExistsError as err:
+            beside = folder.with_name(f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("%s Exporting to %s instead.", err, beside)
+            return export_student(module, beside)
+
     def on_fit_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
             return
@@ -128,9 +140,7 @@ class DistillReport(L.Callback):
         self.results["after"] = self._score(module, self._items(trainer), "student", per_row=True)
         exported = None
         if self.export_dir is not None:
-            exported = export_student(
-                module, Path(trainer.log_dir or trainer.default_root_dir) / self.export_dir, overwrite=True
-            )
+            exported = self._export(module, Path(trainer.log_dir or trainer.default_root_dir) / self.export_dir)
             _log_artifact(trainer.logger, exported)
         for name in ("before", "after", "teacher"):
             metrics = {f"report/{name}/{k}": v for k, v in self.results[name][0].items()}
