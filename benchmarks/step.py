@@ -293,7 +293,7 @@ def summarize(rows: list[dict], context: dict) -> dict:
             # The update's fixed-length rollout at this engine's throughput, over the whole OPRD step.
             rollout_s = context["response_tokens"] / row["tokens_per_s"]
             summary[f"rollout_share_of_oprd_step_{name}"] = rollout_s / (rollout_s + by["oprd"]["update_s"])
-    summary.update({k: v for k, v in context.items() if k not in ("device", "engines")})
+    summary.update({k: v for k, v in context.items() if k != "device"})  # engines: each one's tokens/s
     return summary
 
 
