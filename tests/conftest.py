@@ -87,6 +87,16 @@ def tokenizer():
     )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: intra-op threads only add OpenMP hand-offs, which cost ~100x
+    on a loaded 2-core machine (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     """Every W&B run of a test is offline and written under tmp_path."""

@@ -107,13 +107,7 @@ HIDDEN_STATES_NOT_NORMED = {"gemma3n_text": "hidden states keep the AltUp stream
 """Families whose `output_hidden_states` last element is not the final normed state (the head check still runs)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def skip_reason(model_type: str) -> str | None:

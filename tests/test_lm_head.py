@@ -18,13 +18,7 @@ VOCAB, V_STUDENT, V_TEACHER = 17, 20, 23  # both heads padded past the shared to
 N_KEPT = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP hand-offs, which cost ~100x on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VALID = [(o, e) for o, e in itertools.product(OBJECTIVES, ESTIMATORS) if e != "sampled" or o == "reverse_kl"]
