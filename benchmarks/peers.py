@@ -55,7 +55,7 @@ class StepProbe(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
-        self.counter = SavedBytes([*module.parameters(), *module.teacher.parameters()])
+        self.counter = SavedBytes([*module.parameters(), *module.pair.teacher.parameters()])
         self._stack.enter_context(self.counter.track())
 
     def on_before_backward(self, trainer, module, loss) -> None:
@@ -106,7 +106,7 @@ def train_trl(scorer, items: list[dict], args) -> tuple[object, dict]:
     student = copy.deepcopy(scorer.student).train()
     for param in student.parameters():
         param.requires_grad_(True)
-    tokenizer = copy.deepcopy(scorer.tokenizer)
+    tokenizer = copy.deepcopy(scorer.pair.tokenizer)
     tokenizer.padding_side = "left"  # TRL's generation needs it; the copy keeps oprd's tokenizer as it is
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": item["prompt"]}]} for item in items])
     with tempfile.TemporaryDirectory() as out:
@@ -118,7 +118,11 @@ def train_trl(scorer, items: list[dict], args) -> tuple[object, dict]:
             gradient_checkpointing=args.checkpointing,
         )  # fmt: skip
         trainer = Probed(
-            model=student, teacher_model=scorer.teacher, args=config, train_dataset=dataset, processing_class=tokenizer
+            model=student,
+            teacher_model=scorer.pair.teacher,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
         )
         trainer.train()
     return student.eval(), {"seconds": seconds, "saved": saved}
@@ -135,7 +139,7 @@ def run(args) -> tuple[list[dict], dict]:
             scorer = build_module(pair, "opd", RolloutConfig(max_new_tokens=args.response_tokens), seed=args.seed,
                                   val_max_new_tokens=args.eval_tokens)  # fmt: skip
             student, probe = train_trl(scorer, items, args)
-            scorer.student = student
+            scorer.student = scorer.pair.student = student
             seconds, saved = probe["seconds"], probe["saved"]
         else:
             scorer, step_probe = train_oprd(method, pair, items, args)

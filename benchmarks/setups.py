@@ -101,8 +101,8 @@ def share_models(module: DistillModule, reference: DistillModule) -> DistillModu
     Each module froze what its own loss cannot reach (`module.frozen`); call `activate` before using the shared
     student through `module`.
     """
-    module.student = reference.student
-    module.frozen_teacher = reference.frozen_teacher
+    module.student = module.pair.student = reference.student
+    module.pair.frozen_teacher = reference.pair.frozen_teacher
     return module
 
 

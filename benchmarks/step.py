@@ -77,10 +77,10 @@ PAPER = {"memory_ratio": 0.46, "speedup": 1.44}
 @torch.no_grad()
 def teacher_states_full(module: DistillModule, roll: Rollout) -> tuple[dict, Tensor]:
     """Teacher hidden states at the mapped layers from a full forward that also computes the `[b, t, v]` logits."""
-    points, path = module.objective.points("teacher"), module.layers_paths["teacher"]
-    capture = HiddenCapture(module.teacher, points, path, stop_early=False)
+    points, path = module.objective.points("teacher"), module.pair.layers_paths["teacher"]
+    capture = HiddenCapture(module.pair.teacher, points, path, stop_early=False)
     with capture.capture() as states:
-        out = module.teacher(**forward_inputs(roll.input_ids, roll.attention_mask))
+        out = module.pair.teacher(**forward_inputs(roll.input_ids, roll.attention_mask))
         return capture.collected(states), out.logits
 
 
@@ -91,7 +91,7 @@ def run_teacher(module: DistillModule, roll: Rollout, variant: str) -> tuple[dic
     """The variant's teacher pass: its states, and the full logits when it runs to the LM head (else None)."""
     if variant == FULL_TEACHER:
         return teacher_states_full(module, roll)
-    return module.teacher_states(roll), None
+    return module.pair.teacher_states(roll, module.objective.points("teacher")), None
 
 
 def student_pass(module: DistillModule, roll: Rollout, teacher_states: dict, saved: SavedBytes | None) -> dict:
@@ -123,7 +123,9 @@ def update(module: DistillModule, roll: Rollout, variant: str, device, saved: Sa
 
 def measure_memory(module: DistillModule, roll: Rollout, variant: str, device) -> dict:
     """One update under the memory probes: its peak increase and the student's saved-for-backward bytes."""
-    saved = SavedBytes([*module.student.parameters(), *module.objective.parameters(), *module.teacher.parameters()])
+    saved = SavedBytes(
+        [*module.student.parameters(), *module.objective.parameters(), *module.pair.teacher.parameters()]
+    )
     result, peak = peak_bytes(lambda: update(module, roll, variant, device, saved), device)
     terms = {k: result[k] for k in ("loss", "hidden", "token") if k in result}
     return {
@@ -154,7 +156,7 @@ def model_flops(module: DistillModule, roll: Rollout, variant: str) -> float:
     response = float(roll.response_mask.sum())
     head = module.student.get_output_embeddings().weight.numel()
     token_cfg = module.objective.token_loss
-    teacher_layers = layer_params(module.teacher)
+    teacher_layers = layer_params(module.pair.teacher)
     deepest = max((t for _, t in module.objective.pairs if t != "norm"), default=len(teacher_layers) - 1)
     run = len(teacher_layers) if token_cfg is not None or variant == FULL_TEACHER else deepest + 1
     flops = 2 * tokens * sum(teacher_layers[:run]) + 6 * tokens * sum(layer_params(module.student))
@@ -187,7 +189,7 @@ def engine_rollouts(module: DistillModule, args, device) -> list[dict]:
     prompts = [item["prompt"] for item in arithmetic_examples("train")[: args.batch]]
     rows = []
     for name in args.engines:
-        module.engine = get_engine(name)
+        module.pair.engine = get_engine(name)
         config = RolloutConfig(max_new_tokens=args.response_tokens, temperature=1.0, engine=name)
         module.sample(prompts, config, seed=args.seed + 1)  # warm-up
         seeds = [args.seed + 2 + i for i in range(3)]
@@ -197,7 +199,7 @@ def engine_rollouts(module: DistillModule, args, device) -> list[dict]:
         rows.append(
             {"engine": name, "rollout_tokens": tokens / 3, "rollout_s": seconds / 3, "tokens_per_s": tokens / seconds}
         )
-    module.engine = get_engine("hf")
+    module.pair.engine = get_engine("hf")
     return rows
 
 
@@ -214,7 +216,7 @@ def build_variants(args, device) -> dict[str, DistillModule]:
         if modules:
             share_models(module, next(iter(modules.values())))
         modules[variant] = module.to(device)
-        module.frozen_teacher.rest(device)
+        module.pair.frozen_teacher.rest(device)
     reference = next(iter(modules.values()))
     reference.student.train()
     if args.checkpointing:

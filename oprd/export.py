@@ -32,7 +32,7 @@ EXPORT_MARKER = "oprd_export.json"
 
 def export_student(module, folder: str | Path, overwrite: bool = False) -> Path:
     """Save a DistillModule's student and tokenizer into `folder` (see `save_folder`)."""
-    return save_folder(module.student, module.tokenizer, folder, overwrite)
+    return save_folder(module.student, module.pair.tokenizer, folder, overwrite)
 
 
 def export_checkpoint(

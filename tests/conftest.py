@@ -109,9 +109,9 @@ def wandb_offline(tmp_path, monkeypatch):
 @pytest.fixture
 def no_weight_loading(monkeypatch):
     """Fail the test if any model weights load: the input under test must be refused before that."""
-    import oprd.module
+    import oprd.pair
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was validated")
 
-    monkeypatch.setattr(oprd.module, "load_model", refuse)
+    monkeypatch.setattr(oprd.pair, "load_model", refuse)

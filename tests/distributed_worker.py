@@ -19,6 +19,7 @@ import lightning as L
 import torch
 
 from oprd.data import PromptDataModule
+from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
@@ -84,12 +85,14 @@ def train(
     accumulate: int = 1,
     shard_teacher: bool = False,
     token_loss: bool = False,
+    hidden_kind: str = "mse",
 ) -> None:
     """Train on the replayed rollouts (one optimizer step per rollout in the file) and write the results to `out`."""
     ReplayRollouts.steps = torch.load(rollout, weights_only=False)["steps"]
     rows = ReplayRollouts.steps[0].input_ids.shape[0]
     token = {"token_loss": TokenLossConfig(objective="reverse_kl", estimator="exact")} if token_loss else {}
-    module = ReplayRollouts(**specs(shard_teacher=shard_teacher, **token))
+    hidden = HiddenLossConfig(kind=hidden_kind)
+    module = ReplayRollouts(**specs(shard_teacher=shard_teacher, hidden_loss=hidden, **token))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -107,7 +110,7 @@ def train(
     trainer.fit(module, PromptDataModule(batch_size=max(rows // (devices * accumulate), 1)))
     # Elements of the student this rank holds: all of them unless FSDP2 sharded it.
     local = sum(getattr(p, "_local_tensor", p).numel() for p in module.student.parameters())
-    sharded = {"student": is_sharded(module.student), "teacher": is_sharded(module.teacher), "local_numel": local}
+    sharded = {"student": is_sharded(module.student), "teacher": is_sharded(module.pair.teacher), "local_numel": local}
     weights = {k: full(v) for k, v in module.state_dict().items()}
     trainer.save_checkpoint(Path(out) / "final.ckpt")
     if trainer.global_rank == 0:
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--shard-teacher", action="store_true")
     parser.add_argument("--token-loss", action="store_true")
+    parser.add_argument("--hidden-kind", default="mse")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks on a two-core machine
     train(
@@ -133,6 +137,7 @@ def main() -> None:
         args.accumulate,
         shard_teacher=args.shard_teacher,
         token_loss=args.token_loss,
+        hidden_kind=args.hidden_kind,
     )
 
 

@@ -43,8 +43,8 @@ def test_export_loads_and_generates_what_the_checkpointed_student_generates(chec
     untrained = load_model(spec, load_config(spec, len(tokenizer)))
     fresh = untrained.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(fresh, exported.model.layers[0].mlp.up_proj.weight)  # the trained weights, not a fresh init
-    assert tokenizer.get_vocab() == module.tokenizer.get_vocab()
-    assert tokenizer.chat_template == module.tokenizer.chat_template
+    assert tokenizer.get_vocab() == module.pair.tokenizer.get_vocab()
+    assert tokenizer.chat_template == module.pair.tokenizer.chat_template
     assert exported.generation_config.eos_token_id == tokenizer.eos_token_id  # stops where training rollouts stop
 
     # A user's greedy `generate` on the export, with its saved defaults (EOS, pad), answers like the module's student.

@@ -20,7 +20,7 @@ def test_bf16_teacher_trains_on_cuda_and_logs_peak_memory(tmp_path):
     module = make_module(teacher=ModelSpec(config=TEACHER, seed=1, dtype="bfloat16"))
     t = trainer(tmp_path, accelerator="gpu", devices=1, max_steps=2)
     t.fit(module, PromptDataModule(batch_size=2))
-    param = next(module.teacher.parameters())
+    param = next(module.pair.teacher.parameters())
     assert param.device.type == "cuda" and param.dtype == torch.bfloat16
     assert torch.isfinite(t.logged_metrics["train/loss"])
     assert float(t.logged_metrics["train/peak_memory_gb"]) > 0
@@ -30,9 +30,9 @@ def test_bf16_teacher_trains_on_cuda_and_logs_peak_memory(tmp_path):
 def test_teacher_placement_moves_weights_and_keeps_results(placement):
     plain, placed = make_module().cuda(), make_module(**placement).cuda()
     roll = plain.sample(PROMPTS, plain.rollout_cfg, seed=0)
-    expected = plain.teacher_states(roll)
-    got = placed.teacher_states(roll)
-    assert next(placed.teacher.parameters()).device.type == "cpu"  # offloaded after the pass, or living there
+    points = plain.objective.points("teacher")
+    expected, got = plain.pair.teacher_states(roll, points), placed.pair.teacher_states(roll, points)
+    assert next(placed.pair.teacher.parameters()).device.type == "cpu"  # offloaded after the pass, or living there
     for key, value in expected.items():
         assert got[key].device == value.device
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4)

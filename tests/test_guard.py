@@ -8,16 +8,16 @@ from tests.conftest import make_module, trainer
 
 def poison_teacher(module, at_call: int):
     """Make the teacher's states NaN on one training pass, as a numerically broken step would."""
-    original, calls = module.teacher_states, {"n": 0}
+    original, calls = module.pair.teacher_states, {"n": 0}
 
-    def teacher_states(roll, head=None):
-        states = original(roll, head)
+    def teacher_states(roll, points):
+        states = original(roll, points)
         calls["n"] += 1
         if calls["n"] == at_call:
             states = {k: torch.full_like(v, float("nan")) for k, v in states.items()}
         return states
 
-    module.teacher_states = teacher_states
+    module.pair.teacher_states = teacher_states
 
 
 def test_nonfinite_loss_stops_with_the_step_and_term_and_saves_the_last_good_state(tmp_path):
@@ -36,7 +36,7 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
     module = make_module(nonfinite="skip")
     poison_teacher(module, at_call=2)
     trainer(tmp_path, max_steps=3).fit(module, PromptDataModule(batch_size=2))
-    assert module.skipped_steps == 1
+    assert module.guard.skipped == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

@@ -76,5 +76,5 @@ def test_bad_lora_settings_are_refused(tmp_path):
         LoraSettings(r=0)
     module = make_module()
     with pytest.raises(ValueError, match="--adapter exports a LoRA student's adapter"):
-        save_folder(module.student, module.tokenizer, tmp_path / "unused", adapter=True)
+        save_folder(module.student, module.pair.tokenizer, tmp_path / "unused", adapter=True)
     assert not list(tmp_path.iterdir())  # refused before anything is written

@@ -21,7 +21,7 @@ def _fit_kinds(tmp_path, steps: int, **rollout) -> tuple[list[float], object]:
     original = module.sample
 
     def sample(prompts, config, seed=None, model=None):
-        calls["teacher" if model is module.teacher else "student"] += 1
+        calls["teacher" if model is module.pair.teacher else "student"] += 1
         return original(prompts, config, seed=seed, model=model)
 
     module.sample = sample
@@ -54,9 +54,9 @@ def test_off_policy_responses_come_from_the_data(tmp_path):
     batch["response"] = ["1 + 2 = 3.", "3 + 4 = 7."]
     roll, on_policy = step_responses(module, batch, seed=0)
     assert not on_policy
-    texts = module.tokenizer.batch_decode(roll.responses(), skip_special_tokens=True)
+    texts = module.pair.tokenizer.batch_decode(roll.responses(), skip_special_tokens=True)
     assert texts == batch["response"]
-    assert int(roll.response_mask[0].sum()) == len(module.tokenizer("1 + 2 = 3.")["input_ids"]) + 1  # and EOS
+    assert int(roll.response_mask[0].sum()) == len(module.pair.tokenizer("1 + 2 = 3.")["input_ids"]) + 1  # and EOS
     with pytest.raises(ValueError, match='a prompt has no "response"'):
         step_responses(module, {**batch, "response": [None, None]}, seed=0)
 
@@ -67,7 +67,7 @@ def test_avg_at_k_and_best_at_k_on_a_fixed_sampler(monkeypatch):
     texts = ["3", "5", "x", "7 is not it", "no", "8"]
     monkeypatch.setattr(module, "sample", lambda prompts, config, seed=None: Rollout(
         torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), torch.ones(6, 1), 0))  # fmt: skip
-    monkeypatch.setattr(module, "decode", lambda roll: texts)
+    monkeypatch.setattr(module.pair, "decode", lambda roll: texts)
     metrics = sampled_accuracy(module, ["What is 1 plus 2?", "What is 3 plus 4?"], ["3", "9"], 3)
     assert metrics["accuracy_avg@3"] == pytest.approx(1 / 6) and metrics["accuracy_best@3"] == pytest.approx(0.5)
 

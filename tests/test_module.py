@@ -15,17 +15,17 @@ from tests.conftest import STUDENT, TEACHER, make_module, trainer
 
 def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_path):
     module = make_module()
-    teacher_params = {id(p) for p in module.teacher.parameters()}
-    assert not any(p.requires_grad for p in module.teacher.parameters()) and not module.teacher.training
+    teacher_params = {id(p) for p in module.pair.teacher.parameters()}
+    assert not any(p.requires_grad for p in module.pair.teacher.parameters()) and not module.pair.teacher.training
     assert all(id(p) not in teacher_params for p in module.parameters())
     assert "teacher" not in dict(module.named_children())
     assert all(k.startswith(("student.", "objective.projectors.")) for k in module.state_dict())
-    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in module.pair.teacher.state_dict().items()}
     t = trainer(tmp_path)
     t.fit(module, PromptDataModule(batch_size=2))
     optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
     assert not optimized & teacher_params
-    assert all(torch.equal(before[k], v) for k, v in module.teacher.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in module.pair.teacher.state_dict().items())
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
     assert "teacher" not in str(ModelSummary(module))
@@ -106,12 +106,12 @@ def _specs():
 
 
 def test_bad_layer_map_fails_before_weights_load(monkeypatch):
-    import oprd.module
+    import oprd.pair
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before validation")
 
-    monkeypatch.setattr(oprd.module, "load_model", no_loading)
+    monkeypatch.setattr(oprd.pair, "load_model", no_loading)
     with pytest.raises(ValueError, match="out of range for the teacher"):
         make_module(layer_map=[[0, 7]])
 

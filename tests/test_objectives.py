@@ -59,7 +59,7 @@ def test_statistics_come_from_teacher_states_in_training_only():
     assert all(m.count == 0 for m in module.objective.moments.values())
     terms = module.distill(roll)
     terms.loss.backward()
-    teacher = module.teacher_states(roll)
+    teacher = module.pair.teacher_states(roll, module.objective.points("teacher"))
     for label, (_, t) in zip(module.objective.projectors.labels, module.objective.pairs, strict=True):
         kept = teacher[t][roll.response_mask.bool()].double()
         moments = module.objective.moments[label]

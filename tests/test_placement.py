@@ -57,12 +57,12 @@ def test_placement_leaves_states_losses_and_gradients_unchanged(placement):
     roll = plain.sample(["What is 1 plus 2?", "Hi"], plain.rollout_cfg, seed=0)
     results = []
     for module in (plain, placed):
-        teacher = module.teacher_states(roll)
+        teacher = module.pair.teacher_states(roll, module.objective.points("teacher"))
         terms = module.distill(roll, teacher=teacher)
         terms.loss.backward()
         grads = [p.grad for p in module.student.parameters() if p.grad is not None]
         results.append((teacher, terms, grads))
-        assert next(module.teacher.parameters()).device.type == "cpu"
+        assert next(module.pair.teacher.parameters()).device.type == "cpu"
     (t0, l0, g0), (t1, l1, g1) = results
     assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
     assert torch.equal(l0.loss, l1.loss) and torch.equal(l0.token, l1.token)
@@ -71,7 +71,7 @@ def test_placement_leaves_states_losses_and_gradients_unchanged(placement):
 
 def test_teacher_head_is_copied_to_the_student_device_only_when_elsewhere():
     module = make_module()
-    head = module.teacher.get_output_embeddings()
-    assert TeacherPlacement().head(module.teacher, torch.device("cpu")) is head
-    moved = TeacherPlacement(offload=True).head(module.teacher, torch.device("meta"))
+    head = module.pair.teacher.get_output_embeddings()
+    assert TeacherPlacement().head(module.pair.teacher, torch.device("cpu")) is head
+    moved = TeacherPlacement(offload=True).head(module.pair.teacher, torch.device("meta"))
     assert moved.weight.device.type == "meta" and moved.weight.shape == head.weight.shape

@@ -67,7 +67,7 @@ def test_rollout_engine_is_pluggable_and_synced_after_each_step_and_throughput_i
     monkeypatch.setitem(oprd.rollout.ENGINES, "recording", RecordingEngine)
     module = make_module(rollout=RolloutConfig(max_new_tokens=8, engine="recording"))
     (engine,) = RecordingEngine.instances[-1:]
-    assert module.engine is engine
+    assert module.pair.engine is engine
     t = trainer(tmp_path, max_steps=2, accumulate_grad_batches=2)
     t.fit(module, PromptDataModule(batch_size=2))
     assert engine.calls == 4 and engine.synced == [1, 2]  # 2 micro-batches per step; one sync per optimizer step
@@ -83,7 +83,7 @@ def test_unknown_engines_are_refused_with_the_registered_names():
     with pytest.raises(TypeError):
         register_engine("bad", object)
     assert isinstance(get_engine("hf"), HFGenerateEngine)
-    assert make_module().greedy_config().engine == "hf"
+    assert make_module().rollout_cfg.greedy().engine == "hf"
 
 
 def test_sharding_is_a_no_op_in_one_process(tmp_path):
@@ -91,4 +91,4 @@ def test_sharding_is_a_no_op_in_one_process(tmp_path):
     with pytest.warns(UserWarning, match="shard_teacher"):
         trainer(tmp_path, max_steps=1).fit(module, PromptDataModule(batch_size=2))
     assert not any(hasattr(p, "full_tensor") for p in module.parameters())
-    assert torch.isfinite(next(module.teacher.parameters())).all()
+    assert torch.isfinite(next(module.pair.teacher.parameters())).all()

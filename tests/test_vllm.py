@@ -89,7 +89,7 @@ def test_after_a_sync_the_engine_samples_the_updated_student_and_not_without(tmp
     hf.student.load_state_dict(with_vllm.student.state_dict())
     expected = greedy(hf, long)  # the updated student's own greedy answers
     assert responses(before) != responses(expected)
-    engine = with_vllm.engine
+    engine = with_vllm.pair.engine
     state = with_vllm.student.state_dict()
     # Without the prefix-cache reset, the prompt blocks cached by `before` keep the old weights' states.
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
@@ -134,9 +134,9 @@ def test_a_fit_with_vllm_rollouts_resumes_with_the_same_losses(tmp_path):
 
 def test_the_teacher_is_sampled_with_its_own_generate(pair):
     with_vllm, _ = pair
-    roll = with_vllm.sample(PROMPTS[:2], RolloutConfig(max_new_tokens=4, do_sample=False), model=with_vllm.teacher)
+    roll = with_vllm.sample(PROMPTS[:2], RolloutConfig(max_new_tokens=4, do_sample=False), model=with_vllm.pair.teacher)
     assert roll.logprobs is None  # not the engine's: it holds the student only
-    assert TEACHER["hidden_size"] == with_vllm.teacher.config.hidden_size
+    assert TEACHER["hidden_size"] == with_vllm.pair.teacher.config.hidden_size
 
 
 def test_a_lora_student_is_served_with_its_adapters_folded_in():
@@ -155,5 +155,5 @@ def test_a_lora_student_is_served_with_its_adapters_folded_in():
     hf.student.load_state_dict(with_vllm.student.state_dict())
     expected = greedy(hf)  # the adapted student's own greedy answers, through its PeftModel
     assert responses(before) != responses(expected)
-    with_vllm.engine.sync_weights(with_vllm.student, step=1)
+    with_vllm.pair.engine.sync_weights(with_vllm.student, step=1)
     assert responses(greedy(with_vllm)) == responses(expected)

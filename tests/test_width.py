@@ -93,6 +93,6 @@ def test_a_width_pruned_student_distils_through_linear_projectors(tmp_path):
     assert load_config(student, 384).hidden_size == 48  # known before any weight loads
     assert module.objective.projectors.proj["0_1"].weight.shape == (64, 48)
     trainer(tmp_path, max_steps=2).fit(module, PromptDataModule(batch_size=2))
-    rebuilt = load_model(student, load_config(student, 384), module.tokenizer)  # the same choice every time
+    rebuilt = load_model(student, load_config(student, 384), module.pair.tokenizer)  # the same choice every time
     fresh = make_module(student=student, layer_map="pruned").student
     assert torch.equal(rebuilt.model.embed_tokens.weight, fresh.model.embed_tokens.weight)

@@ -126,4 +126,4 @@ class CompareProbe(L.Callback):
 
 
 def _saved_bytes(module) -> SavedBytes:
-    return SavedBytes([*module.parameters(), *module.teacher.parameters()])
+    return SavedBytes([*module.parameters(), *module.pair.teacher.parameters()])

@@ -33,10 +33,9 @@ def sampled_accuracy(module, prompts: list[str], answers: list[str], k: int) -> 
     """Avg@k and Best@k as papers report them (the OPRD paper: Avg@16 at T=0.7, top-p 0.95): k sampled answers per
     prompt; Avg@k is the mean accuracy over all samples, Best@k the fraction of prompts with a correct one."""
     hp = module.hparams
-    config = replace(
-        module.greedy_config(), do_sample=True, temperature=hp.eval_temperature, top_p=hp.eval_top_p, num_generations=k
-    )
-    texts = module.decode(module.sample(prompts, config, seed=EVAL_SEED + hp.seed))
+    greedy = module.rollout_cfg.greedy(hp.val_max_new_tokens)
+    config = replace(greedy, do_sample=True, temperature=hp.eval_temperature, top_p=hp.eval_top_p, num_generations=k)
+    texts = module.pair.decode(module.sample(prompts, config, seed=EVAL_SEED + hp.seed))
     correct = torch.tensor([is_correct(text, answers[i // k]) for i, text in enumerate(texts)], dtype=torch.float32)
     per_prompt = correct.view(len(prompts), k)
     return {f"accuracy_avg@{k}": per_prompt.mean(), f"accuracy_best@{k}": per_prompt.amax(dim=1).mean()}
@@ -56,13 +55,13 @@ def score(
     Returns:
         batch metrics (`reverse_kl`, `hidden`, `cos/<pair>`, `accuracy`, ...) and one dict per response.
     """
-    model = module.teacher if responder == "teacher" else None
-    roll = module.sample(prompts, module.greedy_config(), model=model)
-    texts = module.decode(roll)
+    model = module.pair.teacher if responder == "teacher" else None
+    roll = module.sample(prompts, module.rollout_cfg.greedy(module.hparams.val_max_new_tokens), model=model)
+    texts = module.pair.decode(roll)
     metrics = {"reverse_kl": torch.zeros(())}  # the teacher's answers, scored against itself: 0 by definition
     if responder != "teacher":
         student, teacher = module.states(roll, head=True)
-        terms = module.objective(student, teacher, roll, module.heads(), module.objective.eval_kl)
+        terms = module.objective(student, teacher, roll, module.pair.heads(), module.objective.eval_kl)
         values = terms.metrics(roll.response_mask.sum())
         metrics["reverse_kl"] = values["token_kl"]
         if module.objective.pairs:
@@ -90,7 +89,7 @@ def score(
                 response_mask=roll.response_mask[i : i + 1],
             )
             kl = module.objective.token_sum(
-                student[NORM][i : i + 1], teacher[NORM][i : i + 1], one, module.heads(), module.objective.eval_kl
+                student[NORM][i : i + 1], teacher[NORM][i : i + 1], one, module.pair.heads(), module.objective.eval_kl
             )
             row["reverse_kl"] = float(kl / one.response_mask.sum().clamp_min(1))
     return metrics, rows

@@ -35,14 +35,20 @@ from oprd.parallel.sharding import gathered_head, is_sharded
 
 @dataclass(frozen=True)
 class TeacherPlacement:
-    """Teacher placement: a fixed device, or CPU offload between passes (not both)."""
+    """Teacher placement: a fixed device, CPU offload between passes, or sharded over all processes (one of them)."""
 
     device: str | None = None
     """Device of the teacher (`cuda:1`, `cpu`); None: the student's device."""
     offload: bool = False
     """Keep the teacher in CPU memory and move it to the compute device only for its pass."""
+    shard: bool = False
+    """Shard the teacher with FSDP2 across all processes (`oprd.parallel.sharding.configure_sharding` does it)."""
 
     def __post_init__(self) -> None:
+        if self.shard and (self.device is not None or self.offload):
+            raise ValueError(
+                "`shard_teacher` spreads the teacher over all devices: drop teacher_device/offload_teacher."
+            )
         if self.device is not None and self.offload:
             raise ValueError(
                 "Give `teacher_device` or `offload_teacher`, not both: offloading moves the teacher to "

@@ -19,7 +19,7 @@ response-token count of the step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -216,13 +216,3 @@ def freeze_unreached(
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
-
-
-def local_grads(named_params: Iterable[tuple[str, nn.Parameter]]) -> Iterator[tuple[str, SimpleNamespace]]:
-    """(name, object with `.grad`) pairs whose gradients are this rank's shard (FSDP2 DTensors) or the tensor itself,
-    for checks that must not start a collective."""
-    for name, param in named_params:
-        grad = param.grad
-        if grad is not None and hasattr(grad, "to_local"):
-            grad = grad.to_local()
-        yield name, SimpleNamespace(grad=grad)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 
-from oprd.data import format_prompts
 from oprd.rollout.sampling import Rollout, eos_ids, rollout_from_responses
 
 
@@ -25,16 +24,15 @@ def step_responses(module, batch: dict[str, list], seed: int, coin_seed: int | N
     if is_on_policy(config.lmbda, seed if coin_seed is None else coin_seed):
         return module.sample(batch["prompt"], config, seed=seed), True
     if config.seq_kd:
-        return module.sample(batch["prompt"], config, seed=seed, model=module.teacher), False
+        return module.sample(batch["prompt"], config, seed=seed, model=module.pair.teacher), False
     if any(response is None for response in batch["response"]):
         raise ValueError(
             'rollout.lmbda < 1 takes off-policy responses from the data, and a prompt has no "response": add one to '
             "every line, or set rollout.seq_kd: true to sample them from the teacher."
         )
-    hp = module.hparams
-    prompts = format_prompts(module.tokenizer, batch["prompt"], hp.max_prompt_length, hp.truncate_prompts)
-    eos = eos_ids(module.student, module.tokenizer)
+    tokenizer, prompts = module.pair.tokenizer, module.pair.format(batch["prompt"])
+    eos = eos_ids(module.student, tokenizer)
     roll = rollout_from_responses(
-        module.tokenizer, prompts["input_ids"], prompts["attention_mask"], batch["response"], eos, config.max_new_tokens
+        tokenizer, prompts["input_ids"], prompts["attention_mask"], batch["response"], eos, config.max_new_tokens
     )
     return roll.to(module.device), False

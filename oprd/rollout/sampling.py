@@ -13,7 +13,7 @@ FSDP2 (with `synced_gpus`). Engines (`oprd.rollout.engine`) wrap it or replace i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import repeat
@@ -66,6 +66,10 @@ class RolloutConfig:
             raise ValueError(f"sync_every must be at least 1, got {self.sync_every}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}; 1.0 keeps the whole distribution.")
+
+    def greedy(self, max_new_tokens: int | None = None) -> RolloutConfig:
+        """One greedy response per prompt (held-out scoring, predictions), `max_new_tokens` long (default: ours)."""
+        return replace(self, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False, num_generations=1)
 
 
 @dataclass

@@ -21,10 +21,11 @@ def nonfinite_term(terms: Mapping[str, Tensor]) -> str | None:
 
 
 def nonfinite_grads(named_params: Iterable[tuple[str, nn.Parameter]], limit: int = 3) -> list[str]:
-    """Names of (at most `limit`) parameters whose gradient holds NaN or infinity."""
+    """Names of (at most `limit`) parameters whose gradient holds NaN or infinity; a sharded (FSDP2) gradient is read
+    on this rank's shard only, so the check starts no collective."""
     bad = []
     for name, param in named_params:
-        if param.grad is not None and not torch.isfinite(param.grad).all():
+        if param.grad is not None and not torch.isfinite(_local(param.grad)).all():
             bad.append(name)
             if len(bad) == limit:
                 break
@@ -63,6 +64,33 @@ class NonFiniteGuard:
         self.skipped = 0
         self.in_a_row = 0
         self._good: list[tuple[nn.Parameter, Tensor]] | None = None
+        self._step_finite = True  # every micro-batch of this optimizer step had a finite loss
+
+    def check_loss(self, trainer, terms: Mapping[str, Tensor]) -> bool:
+        """A micro-batch's loss terms: True when one is non-finite on any rank (the caller drops the micro-batch)."""
+        bad = nonfinite_term(terms)
+        if not trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+            return False
+        self._step_finite = False
+        self.failed(trainer, f"{describe_term(bad or 'loss')} is not finite", weights_broken=True)
+        return True
+
+    def check_grads(self, trainer, named_params: Iterable[tuple[str, nn.Parameter]], optimizer) -> bool:
+        """The step's gradients, before the optimizer applies them: True when one is non-finite on any rank (the
+        gradients are dropped); otherwise, after a step whose losses were all finite, keep its weights as good.
+
+        """
+        named_params = list(named_params)
+        bad = nonfinite_grads(named_params)
+        step_finite, self._step_finite = self._step_finite, True
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            what = f"the gradient of {', '.join(bad) or 'a parameter on another rank'} is not finite"
+            self.failed(trainer, what, weights_broken=False)
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            return True
+        if step_finite:  # Lightning calls the optimizer hooks for steps whose micro-batches were skipped too
+            self.passed(param for _, param in named_params)
+        return False
 
     def passed(self, params: Iterable[nn.Parameter]) -> None:
         """The step's loss and gradients were finite: its (not yet updated) weights are the last good ones."""
