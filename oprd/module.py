@@ -19,7 +19,7 @@ from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models.capture import NORM, Point
-from oprd.models.lora import frozen_base_keys, is_lora
+from oprd.models.lora import frozen_base_keys
 from oprd.models.spec import ModelSpec
 from oprd.objective.bridge import BridgeConfig
 from oprd.objective.calibration import calibrate_bridge
@@ -128,7 +128,6 @@ class DistillModule(L.LightningModule):
         points, layers = self.objective.points("student"), self.pair.layers_paths["student"]
         self.frozen = freeze_unreached(self.student, points, layers, self.objective.needs_head)
         self.guard = NonFiniteGuard(nonfinite, nonfinite_max_skips, keep_last_good)
-        self.strict_loading = not is_lora(self.student)  # see `on_save_checkpoint`
         self.meter, self._step_tokens, self._synced_step, self._update_tokens = StepMeter(), torch.zeros(()), 0, 0
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -250,8 +249,12 @@ class DistillModule(L.LightningModule):
             checkpoint["state_dict"].pop(name, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A LoRA student's frozen base weights are the ones just loaded from its model path: the state is whole again.
+        state, own = checkpoint["state_dict"], self.state_dict()
+        for name in frozen_base_keys(self.student, "student."):
+            state.setdefault(name, own[name])
         # A checkpoint of another student/teacher width fails here, naming the shapes, not deep in load_state_dict.
-        check_state_shapes(self, checkpoint["state_dict"], optional=frozen_base_keys(self.student, "student."))
+        check_state_shapes(self, state)
         retune_saved_optimizer(self.optim_cfg, checkpoint)  # a resumed run takes the learning rate it is given
 
     def configure_optimizers(self):
