@@ -79,7 +79,8 @@ def test_tiny_fit_learns_and_checkpoints_only_student_and_projectors(tmp_path):
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
-    # The same run logs to W&B and to CSV: what W&B holds must be exactly what the CSV logger wrote.
+    # The same run logs to W&B (through the quickstart's logger) and to CSV: what W&B holds must be exactly what the
+    # CSV logger wrote, and W&B prints no warning of its own.
     loggers = wandb_offline / "loggers.yaml"
     loggers.write_text(
         yaml.safe_dump(
@@ -87,7 +88,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
                 "trainer": {
                     "logger": [
                         {
-                            "class_path": "lightning.pytorch.loggers.WandbLogger",
+                            "class_path": "oprd.evaluation.report.AutoWandbLogger",
                             "init_args": {"offline": True, "save_dir": str(wandb_offline), "project": "oprd-test"},
                         },
                         {
@@ -109,6 +110,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
         timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "wandb: WARNING" not in run.stdout + run.stderr
     (run_dir,) = (wandb_offline / "wandb").glob("offline-run-*")
     rows = wandb_reader.history(run_dir)
     train = [r for r in rows if "train/loss" in r]

@@ -34,6 +34,10 @@ class AutoWandbLogger(WandbLogger):
 
             kwargs["settings"] = wandb.Settings(silent=True, disable_git=True)
         super().__init__(offline=offline, **kwargs)
+        # Lightning passes `anonymous=None` to `wandb.init`, which W&B answers with a deprecation warning on every run
+        # ("The anonymous setting has no effect"); unset, it says nothing. No public argument leaves it out.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
 
 def _has_wandb_account() -> bool:
