@@ -106,6 +106,17 @@ def test_ddp_gradient_is_the_single_process_gradient_of_the_whole_batch(rollouts
     _assert_same_training(reference, result)
 
 
+def test_ddp_standardised_loss_uses_the_moments_of_the_whole_step(rollouts, tmp_path_factory, tmp_path):
+    """`standardized_mse` divides by the teacher's running standard deviation: every rank must update it with every
+    rank's response tokens, so that 2 processes standardise, and so train, exactly as one process on the whole batch
+    (with per-rank moments the ranks disagree and this test fails)."""
+    reference = _reference(tmp_path_factory, rollouts, hidden_kind="standardized_mse")
+    result = _worker(tmp_path, rollouts, "--strategy", "ddp", "--devices", "2", "--hidden-kind", "standardized_mse")
+    _assert_same_training(reference, result)  # the weights include the moments
+    count = "objective.moments.1_3.count"
+    assert result["weights"][count] == reference["weights"][count] == sum(map(sum, LENGTHS))
+
+
 def test_fsdp2_shards_and_matches_single_process_and_its_checkpoint_loads(rollouts, tmp_path_factory, tmp_path):
     """FSDP2 (`fsdp2`, Lightning's ModelParallelStrategy) on 2 gloo processes, with the teacher sharded too and a
     token-space term (which reads the LM head outside the forward): each rank holds about half of the student, the

@@ -15,6 +15,7 @@ run standardises exactly as an uninterrupted one.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -38,13 +39,21 @@ class RunningMoments(nn.Module):
 
     @torch.no_grad()
     def update(self, states: Tensor, mask: Tensor) -> None:
-        """Add the vectors of `states` `[b, t, d]` that `mask` `[b, t]` keeps."""
+        """Add the vectors of `states` `[b, t, d]` that `mask` `[b, t]` keeps.
+
+        Under data parallelism every rank adds every rank's vectors, in rank order (one all-gather of `2d + 1`
+        numbers): the moments, and so the loss, are those of the whole step on every rank, as in one process. Every
+        rank must call this the same number of times (training steps do).
+        """
         kept = rearrange(states.detach(), "b t d -> (b t) d")[rearrange(mask.bool(), "b t -> (b t)")].double()
-        if kept.shape[0] == 0:
-            return
         n_b = torch.tensor(float(kept.shape[0]), dtype=torch.float64, device=kept.device)
-        mean_b = kept.mean(dim=0)
-        m2_b = (kept - mean_b).pow(2).sum(dim=0)
+        mean_b = kept.mean(dim=0) if kept.shape[0] else kept.new_zeros(kept.shape[1])
+        for n, mean, m2 in _every_rank(n_b, mean_b, (kept - mean_b).pow(2).sum(dim=0)):
+            if n > 0:
+                self._add(n, mean, m2)
+
+    def _add(self, n_b: Tensor, mean_b: Tensor, m2_b: Tensor) -> None:
+        """Merge a batch's count, mean and sum of squared deviations (Chan et al.)."""
         total = self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / total
@@ -56,3 +65,14 @@ class RunningMoments(nn.Module):
         float32."""
         std = (self.m2 / self.count.clamp_min(1)).sqrt()
         return std.clamp_min(STD_FLOOR * std.median()).clamp_min(1e-6).float()
+
+
+def _every_rank(n: Tensor, mean: Tensor, m2: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each rank's `(n, mean, m2)` in rank order; this rank's alone outside a process group."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [(n, mean, m2)]
+    packed = torch.cat([n[None], mean, m2])
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, packed)
+    d = mean.shape[0]
+    return [(row[0], row[1 : d + 1], row[d + 1 :]) for row in gathered]
