@@ -71,6 +71,15 @@ def test_a_checkpoint_that_is_empty_or_not_a_checkpoint_is_named(tmp_path, capsy
     assert f"--ckpt_path {text} is not a readable checkpoint" in fit_fails(capsys, "--ckpt_path", str(text))
 
 
+def test_a_checkpoint_that_pickles_objects_is_named_as_another_versions(tmp_path, capsys, no_weight_loading):
+    # An older oprd saved its settings as dataclasses: a safe load refuses them, and the error says why.
+    old = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"teacher": ModelSpec(path="x")}}, old)
+    line = fit_fails(capsys, "--ckpt_path", str(old))
+    assert "holds Python objects (oprd.models.spec.ModelSpec)" in line and "older oprd" in line
+    assert "cut short" not in line
+
+
 def test_a_misspelt_key_gets_one_line_and_a_suggestion(tmp_path, capsys):
     assert "--model.hiden_loss.kind" in fit_fails(capsys, "--model.hiden_loss.kind", "cosine")
     typo = tmp_path / "typo.yaml"

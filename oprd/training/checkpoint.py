@@ -128,6 +128,13 @@ def load_checkpoint(ckpt_path: str | Path, flag: str = "--ckpt_path") -> dict[st
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ... for files that are not one
         size = path.stat().st_size
+        objects = _pickled_objects(path) if size else []
+        if objects:
+            raise ValueError(
+                f"{flag} {path} holds Python objects ({', '.join(objects[:3])}), which a checkpoint of this oprd never "
+                "holds and a safe load refuses: it was written by an older oprd (which saved its settings as objects) "
+                "or by another program. Resume it with the version that wrote it, or start a new run."
+            ) from err
         what = f"is not a readable checkpoint ({size} bytes, {type(err).__name__})" if size else "is empty (0 bytes)"
         raise ValueError(
             f"{flag} {path} {what}: it may have been cut short or be another kind of file. Use a `last.ckpt` that "
@@ -136,6 +143,14 @@ def load_checkpoint(ckpt_path: str | Path, flag: str = "--ckpt_path") -> dict[st
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{flag} {path} is not a checkpoint of `oprd fit` (no state_dict and hyper_parameters).")
     return checkpoint
+
+
+def _pickled_objects(path: Path) -> list[str]:
+    """The classes and functions a checkpoint file pickles beyond tensors and plain values ([] if it cannot tell)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint at all: the caller's "cut short or another kind of file" applies
+        return []
 
 
 # ---- shape check --------------------------------------------------------------------------------------------------
