@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import lightning as L
 import pytest
 from rich.console import Console
 
@@ -108,3 +110,20 @@ def test_learning_rate_grids_and_bad_settings_are_parsed_and_refused():
 def _final(result: dict, objective: str, lr: float, split: str) -> dict:
     rows = [r for r in result["rows"] if r["objective"] == objective and r["lr"] == lr and r["split"] == split]
     return max(rows, key=lambda r: r["step"])
+
+
+class DieAtTrainStart(L.Callback):
+    """Ends its process at once, as the kernel's out-of-memory killer would."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        os._exit(137)
+
+
+def test_a_run_whose_process_dies_fails_the_comparison_with_its_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([
+            "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives", "oprd", "--lr", "1e-2",
+            "--steps", "2", "--eval_prompts", "4", "--out", str(tmp_path),
+            "--", "--trainer.callbacks+=tests.test_compare.DieAtTrainStart", "--trainer.logger", "false",
+        ])  # fmt: skip
+    assert "run oprd-lr0.01 died without a result" in capsys.readouterr().err

@@ -13,9 +13,12 @@ import typing
 
 import lightning as L
 
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, argparse.ArgumentError)
-"""Errors that describe bad input or a diverged run (their messages say what to do); anything else is a bug and keeps
-its traceback."""
+USER_ERRORS = (
+    ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, ChildProcessError,
+    argparse.ArgumentError,
+)  # fmt: skip
+"""Errors that describe bad input, a diverged run or a run the system killed (their messages say what to do); anything
+else is a bug and keeps its traceback."""
 
 
 def known_keys() -> list[str]:

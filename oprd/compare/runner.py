@@ -16,6 +16,8 @@ import logging
 import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,9 +128,16 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
 def run_isolated(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
     """`run_one` in a fresh process: every run starts from a clean interpreter (nothing of the previous run's models
     stays in memory), as `oprd fit` would. Returns the probe's rows and summary."""
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_child, (settings, objective, lr))
+    # Not a multiprocessing Pool: a Pool whose worker dies (killed for memory, say) waits for its result forever.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_child, settings, objective, lr).result()
+        except BrokenProcessPool as err:
+            raise ChildProcessError(
+                f"oprd compare: run {run_name(objective, lr)} died without a result (killed for memory?). The runs "
+                f"finished before it are in {settings.out / 'runs.jsonl'}; lower --data.batch_size or "
+                "--model.rollout.max_new_tokens after `--`, or compare fewer objectives per command."
+            ) from err
 
 
 def _child(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
