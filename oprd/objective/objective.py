@@ -13,6 +13,7 @@ that from the config), and returns a `LossTerms` of token sums that knows its ow
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,14 +23,10 @@ from torch import Tensor, nn
 
 from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums, mean_cosine
 from oprd.losses.lm_head import Head, sampled_logprobs, token_loss_sum_from_hidden
-from oprd.losses.token import (
-    TokenLossConfig,
-    check_head_reproducible,
-    check_same_logit_transforms,
-    with_model_logit_transforms,
-)
+from oprd.losses.token import TokenLossConfig
 from oprd.losses.weighting import LayerWeighting
 from oprd.models.capture import NORM, Point
+from oprd.models.heads import check_head_reproducible, check_same_logit_transforms, model_logit_transforms
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, check_rank
 from oprd.objective.projectors import Projectors
 from oprd.objective.statistics import RunningMoments
@@ -38,6 +35,21 @@ from oprd.rollout.sampling import Rollout
 Projector = Literal["linear", "bridge"]
 EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
 """Held-out reverse KL is always exact over the full vocabulary, whatever the training objective."""
+
+
+def with_model_logit_transforms(config: TokenLossConfig | None, model_config) -> TokenLossConfig | None:
+    """Fill in the model family's own logit scale and soft cap (see `HEAD_RULES`) where the loss config leaves them
+    unset, so the chunked path optimises what the model's forward computes. Returns a new config; the caller's is
+    never mutated."""
+    if config is None:
+        return None
+    scale, cap = model_logit_transforms(model_config)
+    updates = {}
+    if config.logit_softcap is None and cap:
+        updates["logit_softcap"] = cap
+    if config.logit_scale is None and scale:
+        updates["logit_scale"] = scale
+    return dataclasses.replace(config, **updates) if updates else config
 
 
 @dataclass(frozen=True)
