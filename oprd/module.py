@@ -29,7 +29,7 @@ from oprd.pair import ModelPair, PairConfigs
 from oprd.parallel.placement import TeacherPlacement
 from oprd.parallel.sharding import configure_sharding, freeze_unreached, synced_generation
 from oprd.rollout.engine import get_engine
-from oprd.rollout.mixing import step_responses
+from oprd.rollout.mixing import coin_seed, step_responses
 from oprd.rollout.sampling import Rollout, RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import NonFinite, NonFiniteGuard
@@ -134,9 +134,8 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         self.pair.engine.wake()
-        coin_seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, rank=0)  # the same on every rank
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        roll, on_policy = step_responses(self, batch, seed, coin_seed)
+        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.trainer.global_step))
         self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
         self.meter.rollout_done(int(roll.response_mask.sum()))
         terms = self.distill(roll)
