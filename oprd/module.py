@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from oprd.evaluation.scoring import Responder, score
+from oprd.evaluation.scoring import ANSWERED, Responder, prompts_covered, score
 from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
@@ -215,13 +215,18 @@ class DistillModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "val"), sync_dist=True, batch_size=len(batch["prompt"]))
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "test"), sync_dist=True, batch_size=len(batch["prompt"]))
+        self.evaluate(batch, "test")
 
     def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
+        """Score a held-out batch and log `<prefix>/<metric>`: each metric's epoch value is weighted by the prompts it
+        covers (accuracy by the answered ones), `<prefix>/answered` is their total."""
         metrics, _ = score(self, batch["prompt"], batch["answer"], self.hparams.eval_model)
+        for name, count in prompts_covered(metrics, len(batch["prompt"])).items():
+            reduce_fx = "sum" if name == ANSWERED else "mean"
+            self.log(f"{prefix}/{name}", metrics[name], sync_dist=True, batch_size=count, reduce_fx=reduce_fx)
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.evaluation.metrics import extract_answer
-from oprd.evaluation.scoring import score
+from oprd.evaluation.scoring import mean_over_batches, score
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
@@ -134,3 +134,31 @@ def test_validation_metrics(tmp_path):
     assert results["val/accuracy"] == pytest.approx(3 / 8)  # batches of 3, 3 and 2 prompts, weighted by size
     assert results["val/response_length"] == pytest.approx(float(whole["response_length"]))
     assert results["val/hidden"] > 0
+
+
+def test_validation_accuracy_is_over_the_answered_prompts_and_counts_them(tmp_path):
+    module = make_module()
+    prompts = [f"What is {i} plus {i + 2}?" for i in range(16)]
+    _, rows = score(module, prompts, [None] * 16)
+    numbers = [i for i, row in enumerate(rows) if extract_answer(row["response"]) is not None]
+    others = [i for i in range(16) if i not in numbers[:4]]
+    assert len(numbers) >= 4, [row["response"] for row in rows]
+    # 4 right, 3 wrong, 1 without an answer, spread over batches of 3, 3 and 2.
+    chosen = [numbers[0], others[0], numbers[1], others[1], numbers[2], others[2], others[3], numbers[3]]
+    answers = {i: extract_answer(rows[i]["response"]) for i in numbers[:4]} | {i: "-12345" for i in others[:3]}
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": prompts[i], "answer": answers.get(i)}) + "\n" for i in chosen))
+    results = trainer(tmp_path, limit_val_batches=1.0).validate(
+        module, PromptDataModule(val=str(heldout), val_batch_size=3), verbose=False
+    )[0]
+    assert results["val/accuracy"] == pytest.approx(4 / 7) and results["val/answered"] == 7
+
+
+def test_held_out_means_weigh_accuracy_by_the_answered_prompts():
+    batches = [
+        ({"accuracy": torch.tensor(1.0), "answered": torch.tensor(2.0), "repetition": torch.tensor(0.5)}, 4),
+        ({"answered": torch.tensor(0.0), "repetition": torch.tensor(0.0)}, 4),  # no answers: no accuracy
+        ({"accuracy": torch.tensor(0.25), "answered": torch.tensor(4.0), "repetition": torch.tensor(1.0)}, 4),
+    ]
+    means = mean_over_batches(batches)
+    assert means == pytest.approx({"accuracy": (2 + 1) / 6, "answered": 6, "repetition": 0.5})
