@@ -142,9 +142,9 @@ class DistillModule(L.LightningModule):
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch
-        tokens = roll.response_mask.sum()
+        tokens = terms.tokens  # what the sums are over: response tokens, or those a hidden term alone selects
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
-        metrics = {f"train/{name}": value for name, value in terms.metrics(tokens).items()}
+        metrics = {f"train/{name}": value for name, value in terms.metrics().items()}
         metrics["train/response_length"] = roll.response_lengths.float().mean()
         if self.rollout_cfg.lmbda < 1:
             metrics["train/on_policy"] = float(on_policy)

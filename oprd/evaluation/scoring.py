@@ -92,7 +92,7 @@ def score(
     if responder != "teacher":
         student, teacher = module.states(roll, head=True)
         terms = module.objective(student, teacher, roll, module.pair.heads(), module.objective.eval_kl)
-        values = terms.metrics(roll.response_mask.sum())
+        values = terms.metrics()
         metrics["reverse_kl"] = values["token_kl"]
         if module.objective.pairs:
             metrics["hidden"] = values["hidden"]
