@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from oprd.cli import errors, preflight
 from oprd.cli.compare import compare_main
 from oprd.data import PromptDataModule
+from oprd.evaluation.predictions import output_path
 from oprd.export import DESCRIPTION as EXPORT_DESCRIPTION
 from oprd.export import export_main
 from oprd.module import DistillModule
@@ -79,7 +80,7 @@ class OprdCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if self.subcommand == "predict":
-            writer = {"path": os.path.join(root, "predictions.jsonl")}
+            writer = {"path": str(output_path(root, config.data.train, config.data.val))}
             callback = Namespace(class_path="oprd.evaluation.predictions.JSONLWriter", init_args=Namespace(writer))
             config.trainer.callbacks = [*(config.trainer.callbacks or []), callback]
 
