@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from oprd.cli import errors, preflight
 from oprd.cli.compare import compare_main
+from oprd.cli.links import calibrate_on_training_prompts
 from oprd.data import PromptDataModule
 from oprd.evaluation.predictions import output_path
 from oprd.export import DESCRIPTION as EXPORT_DESCRIPTION
@@ -74,6 +75,7 @@ class OprdCLI(LightningCLI):
             for key in taken:
                 config.model[key] = saved[key]
         preflight.check_config(subcommand, config)
+        calibrate_on_training_prompts(config)
         root = config.trainer.default_root_dir or os.getcwd()
         # One folder for every run's checkpoints, so `--ckpt_path last` finds the previous run's `last.ckpt`
         # (Lightning's default is the logger's version folder, which changes on every run).
