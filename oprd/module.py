@@ -135,7 +135,7 @@ class DistillModule(L.LightningModule):
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         self.pair.engine.wake()
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.trainer.global_step))
+        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step))
         self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
         self.meter.rollout_done(int(roll.response_mask.sum()))
         terms = self.distill(roll)
