@@ -50,7 +50,7 @@ class Heads:
 
 @dataclass
 class LossTerms:
-    """One micro-batch's terms, each a sum over its response tokens (divide by the step's token count).
+    """One micro-batch's terms, each a sum over its `tokens` (divide by the step's count of them).
 
     `metrics(tokens)` turns them into per-token values under the names oprd logs.
     """
