@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from oprd.evaluation.scoring import Responder, score
+from oprd.evaluation.scoring import ANSWERED, Responder, prompts_covered, score
 from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
@@ -29,7 +29,7 @@ from oprd.pair import ModelPair, PairConfigs
 from oprd.parallel.placement import TeacherPlacement
 from oprd.parallel.sharding import configure_sharding, freeze_unreached, synced_generation
 from oprd.rollout.engine import get_engine
-from oprd.rollout.mixing import step_responses
+from oprd.rollout.mixing import coin_seed, step_responses
 from oprd.rollout.sampling import Rollout, RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import NonFinite, NonFiniteGuard
@@ -134,18 +134,17 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         self.pair.engine.wake()
-        coin_seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, rank=0)  # the same on every rank
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        roll, on_policy = step_responses(self, batch, seed, coin_seed)
+        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step))
         self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
         self.meter.rollout_done(int(roll.response_mask.sum()))
         terms = self.distill(roll)
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch
-        tokens = roll.response_mask.sum()
+        tokens = terms.tokens  # what the sums are over: response tokens, or those a hidden term alone selects
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
-        metrics = {f"train/{name}": value for name, value in terms.metrics(tokens).items()}
+        metrics = {f"train/{name}": value for name, value in terms.metrics().items()}
         metrics["train/response_length"] = roll.response_lengths.float().mean()
         if self.rollout_cfg.lmbda < 1:
             metrics["train/on_policy"] = float(on_policy)
@@ -216,13 +215,18 @@ class DistillModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "val"), sync_dist=True, batch_size=len(batch["prompt"]))
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "test"), sync_dist=True, batch_size=len(batch["prompt"]))
+        self.evaluate(batch, "test")
 
     def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
+        """Score a held-out batch and log `<prefix>/<metric>`: each metric's epoch value is weighted by the prompts it
+        covers (accuracy by the answered ones), `<prefix>/answered` is their total."""
         metrics, _ = score(self, batch["prompt"], batch["answer"], self.hparams.eval_model)
+        for name, count in prompts_covered(metrics, len(batch["prompt"])).items():
+            reduce_fx = "sum" if name == ANSWERED else "mean"
+            self.log(f"{prefix}/{name}", metrics[name], sync_dist=True, batch_size=count, reduce_fx=reduce_fx)
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:

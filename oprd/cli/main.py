@@ -15,7 +15,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from oprd.cli import errors, preflight
 from oprd.cli.compare import compare_main
+from oprd.cli.links import calibrate_on_training_prompts
 from oprd.data import PromptDataModule
+from oprd.evaluation.predictions import output_path
 from oprd.export import DESCRIPTION as EXPORT_DESCRIPTION
 from oprd.export import export_main
 from oprd.module import DistillModule
@@ -73,13 +75,14 @@ class OprdCLI(LightningCLI):
             for key in taken:
                 config.model[key] = saved[key]
         preflight.check_config(subcommand, config)
+        calibrate_on_training_prompts(config)
         root = config.trainer.default_root_dir or os.getcwd()
         # One folder for every run's checkpoints, so `--ckpt_path last` finds the previous run's `last.ckpt`
         # (Lightning's default is the logger's version folder, which changes on every run).
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if self.subcommand == "predict":
-            writer = {"path": os.path.join(root, "predictions.jsonl")}
+            writer = {"path": str(output_path(root, config.data.train, config.data.val))}
             callback = Namespace(class_path="oprd.evaluation.predictions.JSONLWriter", init_args=Namespace(writer))
             config.trainer.callbacks = [*(config.trainer.callbacks or []), callback]
 

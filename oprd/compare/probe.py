@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 
-from oprd.evaluation.scoring import score
+from oprd.evaluation.scoring import mean_over_batches, score
 from oprd.training.throughput import SavedBytes
 
 METRICS = ("reverse_kl", "accuracy", "repetition", "distinct_4", "cos", "response_length")
@@ -22,17 +22,16 @@ METRICS = ("reverse_kl", "accuracy", "repetition", "distinct_4", "cos", "respons
 
 def evaluate(module, items: list[dict], batch_size: int) -> dict[str, float]:
     """Greedy answers to `items`, scored as `oprd validate` scores them; means weighted by batch size."""
-    sums: dict[str, float] = {}
+    batches = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         metrics, _ = score(module, [x["prompt"] for x in chunk], [x["answer"] for x in chunk])
-        values = {k: float(v) for k, v in metrics.items() if not k.startswith("cos/")}
+        values = {k: v for k, v in metrics.items() if not k.startswith("cos/")}
         pairs = [float(v) for k, v in metrics.items() if k.startswith("cos/")]
         if pairs or "cos_final" in values:
-            values["cos"] = sum(pairs) / len(pairs) if pairs else values["cos_final"]
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value * len(chunk)
-    return {key: value / len(items) for key, value in sums.items()}
+            values["cos"] = sum(pairs) / len(pairs) if pairs else float(values["cos_final"])
+        batches.append((values, len(chunk)))
+    return mean_over_batches(batches)
 
 
 class CompareProbe(L.Callback):

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
-from oprd.evaluation.scoring import score
+from oprd.evaluation.scoring import mean_over_batches, score
 from oprd.export import export_student
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,16 @@ class DistillReport(L.Callback):
         return items[: self.num_prompts]
 
     def _score(self, module, items, responder: str, per_row: bool = False):
-        totals: dict[str, float] = {}
+        batches: list[tuple[dict[str, Any], int]] = []
         rows: list[dict[str, Any]] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             metrics, chunk_rows = score(
                 module, [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
             )
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * len(chunk)
+            batches.append((metrics, len(chunk)))
             rows += chunk_rows
-        return {name: value / len(items) for name, value in totals.items()}, rows
+        return mean_over_batches(batches), rows
 
     def on_fit_start(self, trainer, module) -> None:
         if trainer.is_global_zero:

@@ -156,14 +156,24 @@ def _unpruned(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, keep_layers=None, keep_every=None, width=None)
 
 
+def calibration_prompts(width: WidthPrune) -> list[str]:
+    """The prompts whose activations rank what width pruning keeps: the first `calibration_prompts` of the training
+    split of `calibration` (Minitron calibrates on training data; held-out prompts must stay unseen)."""
+    from oprd.data import load_prompts
+
+    seed = 0 if width.calibration_seed is None else width.calibration_seed
+    num_val = 100 if width.calibration_num_val is None else width.calibration_num_val
+    items = load_prompts(width.calibration or "arithmetic", "train", seed=seed, num_val=num_val)
+    return [item["prompt"] for item in items[: width.calibration_prompts]]
+
+
 def _prune_width(model: torch.nn.Module, spec: ModelSpec, tokenizer) -> torch.nn.Module:
     """Rank channels, heads and neurons on the calibration prompts, then keep the most important."""
-    from oprd.data import format_prompts, load_prompts
+    from oprd.data import format_prompts
 
     if tokenizer is None:
         raise ValueError("Width pruning needs a tokenizer for its calibration prompts.")
-    prompts = [item["prompt"] for item in load_prompts(spec.width.calibration, "train")]
-    batch = format_prompts(tokenizer, prompts[: spec.width.calibration_prompts])
+    batch = format_prompts(tokenizer, calibration_prompts(spec.width))
     scores = importance(model, batch["input_ids"], batch["attention_mask"])
     pruned = prune_width(model, width_pruned_config(model.config, spec.width), scores)
     log.info("Width-pruned %s on %d calibration prompts.", spec.describe(), len(batch["input_ids"]))

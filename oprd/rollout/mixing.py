@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import random
 
-from oprd.rollout.sampling import Rollout, eos_ids, rollout_from_responses
+from oprd.rollout.sampling import Rollout, eos_ids, rollout_from_responses, rollout_seed
+
+
+def coin_seed(seed: int, step: int) -> int:
+    """The seed of optimizer step `step`'s on/off-policy coin. It depends on the step, not on the micro-batch: GKD
+    picks the kind of responses per update, so every micro-batch of a gradient-accumulation step (on every rank, and
+    in a resumed run, which restores the step count) takes the same kind."""
+    return rollout_seed(seed, 0, step, rank=0)
 
 
 def is_on_policy(lmbda: float, seed: int) -> bool:
