@@ -25,7 +25,7 @@ from oprd.objective.bridge import BridgeConfig
 from oprd.objective.calibration import calibrate_bridge
 from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
 from oprd.objective.objective import LossTerms, Objective, Projector
-from oprd.pair import ModelPair, PairConfigs
+from oprd.pair import ModelPair, PairConfigs, choose_student_layers
 from oprd.parallel.placement import TeacherPlacement
 from oprd.parallel.sharding import configure_sharding, freeze_unreached, synced_generation
 from oprd.rollout.engine import get_engine
@@ -109,9 +109,12 @@ class DistillModule(L.LightningModule):
         for key, value in self.hparams.items():
             self.hparams[key] = to_plain(value)
         self.rollout_cfg, self.optim_cfg = args["rollout"], args["optim"]
+        max_new_tokens = max(self.rollout_cfg.max_new_tokens, val_max_new_tokens or 0)
+        student = choose_student_layers(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
+        if student is not args["student"]:  # the layers chosen by importance go into every checkpoint
+            args["student"], self.hparams["student"] = student, to_plain(student)
         placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher)
         engine = get_engine(self.rollout_cfg.engine)
-        max_new_tokens = max(self.rollout_cfg.max_new_tokens, val_max_new_tokens or 0)
         # Configs first: a bad layer map, vocabulary or position limit fails before any weights load.
         configs = PairConfigs.read(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
         s_cfg, t_cfg = configs.student, configs.teacher
@@ -135,7 +138,8 @@ class DistillModule(L.LightningModule):
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         self.pair.engine.wake()
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step))
+        lmbda = self.rollout_cfg.lmbda_at(self.global_step)
+        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step), lmbda)
         self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
         self.meter.rollout_done(int(roll.response_mask.sum()))
         terms = self.distill(roll)
@@ -146,8 +150,8 @@ class DistillModule(L.LightningModule):
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
         metrics = {f"train/{name}": value for name, value in terms.metrics().items()}
         metrics["train/response_length"] = roll.response_lengths.float().mean()
-        if self.rollout_cfg.lmbda < 1:
-            metrics["train/on_policy"] = float(on_policy)
+        if self.rollout_cfg.mixes:
+            metrics["train/on_policy"], metrics["train/lmbda"] = float(on_policy), lmbda
         self.log_dict(metrics, batch_size=len(roll.input_ids))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(roll.input_ids))
         self._update_tokens = int(roll.attention_mask.sum())

@@ -12,6 +12,7 @@ the rollout engine), hidden states at capture points, and the output heads.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from transformers import PretrainedConfig
 from oprd.data import format_prompts
 from oprd.models.capture import Point
 from oprd.models.layers import check_layer_count
-from oprd.models.spec import ModelSpec, load_config, load_model, pruned_from
+from oprd.models.spec import ModelSpec, choose_depth, load_config, load_model, pruned_from
 from oprd.models.tokenizers import check_positions, check_vocab, pair_tokenizer
 from oprd.objective.objective import Heads
 from oprd.parallel.placement import FrozenTeacher, TeacherPlacement
@@ -53,6 +54,19 @@ class PairConfigs:
         check_vocab(tok, s_cfg, "student")
         check_positions(max_prompt_length, max_new_tokens, t_cfg, s_cfg)
         return cls(tok, t_cfg, s_cfg, pruned_from(student, len(tok)))
+
+
+def choose_student_layers(
+    teacher: ModelSpec, student: ModelSpec, tokenizer: str | None, max_prompt_length: int, max_new_tokens: int
+) -> ModelSpec:
+    """The student spec with the layers its `depth` asks for chosen by importance (`choose_depth`); any other spec
+    as it is. Everything the configs can tell is checked first, on the same number of layers, before the ranking
+    loads a model."""
+    if student.depth is None or student.keep_layers is not None:
+        return student
+    placeholder = dataclasses.replace(student, keep_layers=list(range(student.depth.num_layers)))
+    configs = PairConfigs.read(teacher, placeholder, tokenizer, max_prompt_length, max_new_tokens)
+    return choose_depth(student, configs.tokenizer)
 
 
 class ModelPair:

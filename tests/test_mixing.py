@@ -100,3 +100,8 @@ def test_one_coin_per_optimizer_step_under_gradient_accumulation(tmp_path, monke
     assert sorted(kinds) == list(range(8)) and all(len(step) == 2 for step in kinds.values())
     assert all(step[0] == step[1] for step in kinds.values()), kinds
     assert {step[0] for step in kinds.values()} == {True, False}  # the coin is real
+
+
+def test_a_warm_start_off_policy_turns_on_policy_on_schedule_in_one_run(tmp_path):
+    kinds, calls = _fit_kinds(tmp_path, 5, lmbda=1.0, lmbda_start=0.0, lmbda_steps=3, lmbda_schedule="step")
+    assert kinds == [0.0, 0.0, 0.0, 1.0, 1.0] and calls == {"student": 2, "teacher": 0}

@@ -54,6 +54,9 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
     for key in FIXED_BY_CHECKPOINT:
         if key not in saved or _canonical(key, given.get(key)) == _canonical(key, saved[key]):
             continue
+        if _chosen_by_the_checkpoint(given.get(key), saved[key]):
+            taken.append(key)  # its layers were chosen by importance when the checkpoint's run started
+            continue
         default = defaults[key].default
         if default is not inspect.Parameter.empty and _canonical(key, given.get(key)) == _canonical(key, default):
             taken.append(key)  # not set by this run: the checkpoint's own
@@ -65,6 +68,18 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
             "trained with it."
         )
     return taken
+
+
+def _chosen_by_the_checkpoint(given: Any, saved: Any) -> bool:
+    """A model spec that asks for layers chosen by importance (`depth`, no `keep_layers`), and the checkpoint's spec,
+    which is the same with the layers it chose: the run continues with those, it does not rank them again."""
+    if not (isinstance(given, dict) and isinstance(saved, dict)):
+        return False
+    if given.get("depth") is None or given.get("keep_layers") is not None or saved.get("keep_layers") is None:
+        return False
+    if json.dumps(given["depth"], sort_keys=True, default=str) != json.dumps(saved.get("depth"), sort_keys=True):
+        return False
+    return _canonical("student", {**given, "keep_layers": saved["keep_layers"]}) == _canonical("student", saved)
 
 
 def _canonical(key: str, value: Any) -> str:
