@@ -16,6 +16,7 @@ from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models.spec import ModelSpec
 from oprd.objective.bridge import BridgeConfig
+from oprd.parallel.remote import RemoteTeacherConfig
 from oprd.rollout.sampling import RolloutConfig
 from oprd.training.optim import OptimConfig
 
@@ -29,6 +30,7 @@ MODEL_CONFIGS: dict[str, type] = {
     "rollout": RolloutConfig,
     "optim": OptimConfig,
     "bridge": BridgeConfig,
+    "remote_teacher": RemoteTeacherConfig,
 }
 """The `DistillModule` arguments that are config dataclasses."""
 

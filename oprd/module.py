@@ -8,6 +8,9 @@ scoring, `oprd.evaluation`; sharding and teacher placement, `oprd.parallel`; opt
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +30,7 @@ from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
 from oprd.objective.objective import LossTerms, Objective, Projector
 from oprd.pair import ModelPair, PairConfigs, choose_student_layers
 from oprd.parallel.placement import TeacherPlacement
+from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
 from oprd.parallel.sharding import configure_sharding, freeze_unreached, synced_generation
 from oprd.rollout.engine import get_engine
 from oprd.rollout.mixing import coin_seed, step_responses
@@ -71,6 +75,8 @@ class DistillModule(L.LightningModule):
         offload_teacher: keep the teacher in CPU memory, on the device for its pass only (one copy per step).
         shard_teacher: shard the teacher with FSDP2 across all processes (under `fsdp2` or `ddp`); the memory cost
             of each placement: `oprd.parallel.placement`.
+        remote_teacher: run the teacher as replicas on Ray actors (this machine's cluster or another's) instead of
+            in the trainer's process (`oprd.parallel.remote`).
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class DistillModule(L.LightningModule):
         teacher_device: str | None = None,
         offload_teacher: bool = False,
         shard_teacher: bool = False,
+        remote_teacher: RemoteTeacherConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -113,7 +120,7 @@ class DistillModule(L.LightningModule):
         student = choose_student_layers(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
         if student is not args["student"]:  # the layers chosen by importance go into every checkpoint
             args["student"], self.hparams["student"] = student, to_plain(student)
-        placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher)
+        placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher, args["remote_teacher"])
         engine = get_engine(self.rollout_cfg.engine)
         # Configs first: a bad layer map, vocabulary or position limit fails before any weights load.
         configs = PairConfigs.read(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
@@ -139,10 +146,11 @@ class DistillModule(L.LightningModule):
         self.pair.engine.wake()
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
         lmbda = self.rollout_cfg.lmbda_at(self.global_step)
-        roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step), lmbda)
-        self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
-        self.meter.rollout_done(int(roll.response_mask.sum()))
-        terms = self.distill(roll)
+        with self._saved_if_teacher_lost():
+            roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step), lmbda)
+            self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
+            self.meter.rollout_done(int(roll.response_mask.sum()))
+            terms = self.distill(roll)
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch
@@ -157,6 +165,16 @@ class DistillModule(L.LightningModule):
         self._update_tokens = int(roll.attention_mask.sum())
         # A sum over tokens: `on_before_optimizer_step` divides by the whole step's token count.
         return terms.loss
+
+    @contextlib.contextmanager
+    def _saved_if_teacher_lost(self) -> Iterator[None]:
+        """A remote teacher with no replica left: save the run as it stands before this step, then stop."""
+        try:
+            yield
+        except TeacherUnavailable as err:
+            path = Path(self.trainer.default_root_dir) / f"teacher-lost-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(path, weights_only=False)
+            raise TeacherUnavailable(f"{err} The run before step {self.global_step} is saved in {path}.") from err
 
     def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then

@@ -21,6 +21,7 @@ ARGS = {
     "step": ["--quick", "--models", "tiny", "--threads", "1"],
     "memory_growth": ["--quick", "--threads", "1"],
     "peers": ["--quick", "--threads", "1"],
+    "remote_teacher": ["--quick", "--threads", "1", "--steps", "2"],
 }
 SUMMARY_KEYS = {
     "loss_memory": {
@@ -42,6 +43,7 @@ SUMMARY_KEYS = {
     },
     "memory_growth": {"growth_after_warmup_pct", "rss_after_warmup_mib", "rss_end_mib", "warmup_steps"},
     "peers": {"opd_over_trl_step_time", "opd_over_trl_update_memory", "oprd_over_trl_update_memory"},
+    "remote_teacher": {"tiny"},
 }
 
 

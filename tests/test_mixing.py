@@ -90,8 +90,8 @@ def test_one_coin_per_optimizer_step_under_gradient_accumulation(tmp_path, monke
     module = make_module(rollout=RolloutConfig(max_new_tokens=4, lmbda=0.5))
     kinds: dict[int, list[bool]] = {}
 
-    def recording(module, batch, seed, coin):
-        roll, on_policy = step_responses(module, batch, seed, coin)
+    def recording(module, batch, seed, coin, lmbda=None):
+        roll, on_policy = step_responses(module, batch, seed, coin, lmbda)
         kinds.setdefault(module.trainer.global_step, []).append(on_policy)
         return roll, on_policy
 

@@ -14,7 +14,7 @@ import typing
 import lightning as L
 
 USER_ERRORS = (
-    ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, ChildProcessError,
+    ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, ChildProcessError, ConnectionError,
     argparse.ArgumentError,
 )  # fmt: skip
 """Errors that describe bad input, a diverged run or a run the system killed (their messages say what to do); anything
