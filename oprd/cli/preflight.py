@@ -115,7 +115,8 @@ def _show(value: Any) -> str:
 
 
 def check_config(subcommand: str, config) -> None:
-    """Every check that needs no model: model and data settings, held-out prompts, prompt files, device, output folder.
+    """Every check that needs no model: model, data and Trainer settings, held-out prompts, prompt files (their
+    responses and lengths, where the settings need them), devices, the rollout engine, and the output folders.
 
     Args:
         subcommand: `fit`, `validate`, `test` or `predict`.
