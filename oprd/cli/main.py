@@ -13,7 +13,7 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from oprd.cli import errors, preflight
+from oprd.cli import arguments, errors, preflight
 from oprd.cli.compare import compare_main
 from oprd.cli.links import calibrate_on_training_prompts
 from oprd.data import PromptDataModule
@@ -149,7 +149,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_startup()
     argv = sys.argv[1:] if args is None else list(args)
     debug = "--debug" in argv or bool(os.environ.get("OPRD_DEBUG"))
-    argv = [arg for arg in argv if arg != "--debug"]
+    argv = arguments.join_negative_numbers([arg for arg in argv if arg != "--debug"])
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the command line itself (and DDP re-launches it)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
@@ -160,6 +160,7 @@ def main(args: list[str] | None = None) -> None:
         if command == "compare":
             compare_main(argv[1:])
             return
+        arguments.check_config_files(argv)
         # A short usage line: the options follow, oprd's (model, data) first, each with its description.
         usage = "%(prog)s [--config CONFIG.yaml ...] [--model.* / --data.* / --trainer.* options]"
         parser_kwargs = {sub: {"exit_on_error": False, "usage": usage} for sub in SUBCOMMANDS}

@@ -65,6 +65,8 @@ class ModelSpec:
             raise ValueError("A model built from `config` needs `model_type` (e.g. llama, qwen3, mistral).")
         if self.keep_layers is not None and self.keep_every is not None:
             raise ValueError("Give `keep_layers` or `keep_every`, not both.")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be at least 1 (2 keeps every other layer), got {self.keep_every}.")
         if isinstance(self.width, dict):  # the YAML round-trip of a checkpoint's hyper-parameters
             self.width = WidthPrune(**self.width)
         if isinstance(self.depth, dict):

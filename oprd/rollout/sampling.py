@@ -13,6 +13,7 @@ FSDP2 (with `synced_gpus`). Engines (`oprd.rollout.engine`) wrap it or replace i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -65,9 +66,15 @@ class RolloutConfig:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
-        if self.do_sample and self.temperature <= 0:
+        if not math.isfinite(self.temperature) or (self.do_sample and self.temperature <= 0):
             raise ValueError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; set do_sample: false for greedy."
+                f"temperature must be > 0 and finite when sampling, got {self.temperature}; 1.0 samples the model's "
+                "own distribution (set do_sample: false for greedy)."
+            )
+        if not self.do_sample and self.num_generations > 1:
+            raise ValueError(
+                f"num_generations must be 1 with do_sample: false (greedy decoding would give {self.num_generations} "
+                f"copies of one response), got {self.num_generations}; set do_sample: true to sample several."
             )
         if not 0 <= self.lmbda <= 1:
             raise ValueError(f"lmbda must lie in [0, 1] (1: every step on-policy), got {self.lmbda}.")
