@@ -109,7 +109,10 @@ class DistillReport(L.Callback):
             rows += chunk_rows
         return {name: value / len(items) for name, value in totals.items()}, rows
 
-    def on_fit_start(self, trainer, module) -> None:
+    def on_train_start(self, trainer, module) -> None:
+        # Scored where training starts (a resumed run's weights and Bridge restored), with the Bridge calibrated: an
+        # uncalibrated one scores cosine 0 and hidden 1 whatever the student, which is not the student that trains.
+        module.calibrate()
         if trainer.is_global_zero:
             items = self._items(trainer)
             console = Console()
