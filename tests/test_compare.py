@@ -244,7 +244,7 @@ def test_a_time_budget_stops_before_the_step_that_would_overshoot_it(tmp_path):
 
     probe = _probe(budget_s=5.0)
     _fit(tmp_path, probe, steps=50, hooks=[("teacher", slow_teacher)])
-    assert 1 <= len(probe.step_s) and probe.train_s <= 5.0
+    assert probe.train_s <= 5.0 and len(probe.step_s) >= 1
     assert probe.rows[-1]["train_s"] == probe.train_s
 
 
