@@ -20,6 +20,7 @@ from oprd.compare.report import print_table
 from oprd.compare.runner import CompareSettings
 from oprd.data import PromptDataModule, arithmetic_examples
 from oprd.rollout.engine import HFGenerateEngine
+from oprd.training.memory import UpdateMemory
 from tests import wandb_reader
 from tests.conftest import ROOT, make_module, trainer
 
@@ -164,6 +165,21 @@ class MicroBatch(L.Callback):
     def _read(self, trainer) -> None:  # what the previous micro-batch logged, once the module's own hook has run
         if "train/update_s" in trainer.callback_metrics:
             self.update_s.append(float(trainer.callback_metrics["train/update_s"]))
+
+
+def test_cpu_update_memory_is_the_peak_above_the_start_over_every_window():
+    resident = torch.ones(64 * MIB, dtype=torch.uint8)  # weights and the like: not charged
+    memory = UpdateMemory(torch.device("cpu"))
+    memory.begin()
+    kept = torch.ones(2 * MIB, dtype=torch.uint8)  # lives on into the next window (a gradient)
+    memory.end()
+    between = torch.ones(32 * MIB, dtype=torch.uint8)  # a rollout's KV cache, freed before the update
+    del between
+    memory.begin()
+    torch.ones(8 * MIB, dtype=torch.uint8)  # a temporary of the second window
+    memory.end()
+    assert memory.close() == 10 * MIB
+    del kept, resident
 
 
 def _fit(tmp_path, probe: CompareProbe, module=None, steps: int = 3, accumulate: int = 1, hooks=()) -> MicroBatch:

@@ -114,7 +114,8 @@ class CompareProbe(L.Callback):
         started = time.perf_counter()
         module.calibrate()
         self.calibrate_s = time.perf_counter() - started
-        self._probe_step = trainer.global_step + (1 if trainer.max_steps - trainer.global_step > 1 else 0)
+        single = 0 <= trainer.max_steps <= trainer.global_step + 1  # one step to go: probe it
+        self._probe_step = trainer.global_step + (0 if single else 1)
         self._evaluate(module, trainer.global_step, self.heldout)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -170,7 +171,7 @@ class CompareProbe(L.Callback):
             self.step_s[trainer.global_step] = seconds
             self.update_s.append(update_s)
         step = trainer.global_step
-        if step % self.every == 0 or step >= trainer.max_steps or trainer.should_stop:
+        if step % self.every == 0 or 0 <= trainer.max_steps <= step or trainer.should_stop:
             self._evaluate(module, step, self.heldout)
             self._progress(trainer, step)
 
@@ -180,9 +181,12 @@ class CompareProbe(L.Callback):
         if self.budget_s is not None:
             left = max(self.budget_s - self.train_s, 0.0) * wall / max(self.train_s, 1e-9)
             where = f"step {step}, {self.train_s:.0f} of {self.budget_s:.0f} training seconds"
-        else:
+        elif trainer.max_steps >= 0:
             left = (trainer.max_steps - step) * wall / max(done, 1)
             where = f"step {step} of {trainer.max_steps}"
+        else:  # bounded by epochs: no estimate
+            log.info("compare: %s: step %d", self.name, step)
+            return
         log.info("compare: %s: %s, about %s left (evaluations included)", self.name, where, _duration(left))
 
     def _evaluate(self, module, step: int, sets: dict[str, list[dict]]) -> None:
