@@ -5,7 +5,7 @@
   (rollouts, update, optimizer step, weight sync to a rollout engine, the loop's own work), and nothing of the
   held-out evaluations. With `budget_s`, a run stops before a step that would overshoot the budget (a step is
   predicted to take the median of those before it) and reports the seconds it actually trained.
-* Update memory is measured on one optimizer step (the second; the first when there is one): the peak of bytes
+* Update memory is measured on one optimizer step (the second; the first if it is the only one): the peak of bytes
   allocated during its update windows (after each rollout: teacher and student passes, losses, backward, optimizer
   step) above what was allocated when they began (`oprd.training.memory`; CUDA allocator counters, or on CPU a
   replay of the profiler's allocation events). The profiler slows that step, so its seconds are left out of the
