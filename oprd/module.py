@@ -212,12 +212,23 @@ class DistillModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # After a checkpoint is restored (a resumed run's Bridge is calibrated already), before the first step.
-        if self.objective.needs_calibration:
-            data = self.trainer.datamodule
-            prompts = [item["prompt"] for item in data.train_items]
-            metrics = calibrate_bridge(self, prompts, data.hparams.batch_size)
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.trainer.global_step)
+        self.calibrate()
+
+    def calibrate(self) -> dict[str, float]:
+        """Calibrate the Bridge on the training prompts if it is not calibrated yet (every rank: the rollouts may be
+        in lock-step); returns its metrics, empty when there was nothing to do.
+
+        The module calls it before the first step; a callback that scores the student before training calls it
+        first, so that what it scores is what trains (an uncalibrated Bridge scores cosine 0).
+        """
+        if not self.objective.needs_calibration:
+            return {}
+        data = self.trainer.datamodule
+        prompts = [item["prompt"] for item in data.train_items]
+        metrics = calibrate_bridge(self, prompts, data.hparams.batch_size)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+        return metrics
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.meter.start(self.device)

@@ -108,15 +108,21 @@ class DistillReport(L.Callback):
             rows += chunk_rows
         return mean_over_batches(batches), rows
 
-    def on_fit_start(self, trainer, module) -> None:
+    def on_train_start(self, trainer, module) -> None:
+        # Scored where training starts (a resumed run's weights and Bridge restored), with the Bridge calibrated: an
+        # uncalibrated one scores cosine 0 and hidden 1 whatever the student, which is not the student that trains.
+        module.calibrate()
         if trainer.is_global_zero:
-            items = self._items(trainer)
-            console = Console()
-            console.print(f"Scoring the teacher and the untrained student on {len(items)} held-out prompts...")
-            self.results["teacher"] = self._score(module, items, "teacher")
-            self.results["before"] = self._score(module, items, "student", per_row=True)
-            before = self.results["before"][0]
-            console.print(f"  student before: {_brief(before)}; teacher: {_brief(self.results['teacher'][0])}")
+            self._score_start(trainer, module)
+
+    def _score_start(self, trainer, module) -> None:
+        items = self._items(trainer)
+        console = Console()
+        console.print(f"Scoring the teacher and the untrained student on {len(items)} held-out prompts...")
+        self.results["teacher"] = self._score(module, items, "teacher")
+        self.results["before"] = self._score(module, items, "student", per_row=True)
+        before = self.results["before"][0]
+        console.print(f"  student before: {_brief(before)}; teacher: {_brief(self.results['teacher'][0])}")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -139,6 +145,8 @@ class DistillReport(L.Callback):
     def on_fit_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
             return
+        if "before" not in self.results:  # no step to take (a finished run resumed): training never started
+            self._score_start(trainer, module)
         Console().print("Scoring the distilled student...")
         self.results["after"] = self._score(module, self._items(trainer), "student", per_row=True)
         exported = None
