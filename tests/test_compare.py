@@ -12,7 +12,7 @@ from rich.console import Console
 from oprd.cli import main
 from oprd.cli.compare import parse_lrs
 from oprd.compare.report import print_table
-from oprd.compare.runner import CompareSettings
+from oprd.compare.runner import CompareSettings, choose
 from tests import wandb_reader
 from tests.conftest import ROOT
 
@@ -127,3 +127,78 @@ def test_a_run_whose_process_dies_fails_the_comparison_with_its_name(tmp_path, c
             "--", "--trainer.callbacks+=tests.test_compare.DieAtTrainStart", "--trainer.logger", "false",
         ])  # fmt: skip
     assert "run oprd-lr0.01 died without a result" in capsys.readouterr().err
+
+
+def _chosen(selection: dict[tuple[str, float], dict], select: str = "reverse_kl", diverged: dict | None = None) -> dict:
+    """`choose` over made-up runs: (objective, lr) -> final selection-split scores (the test split scores 1.0)."""
+    lrs = {}
+    for objective, lr in selection:
+        lrs.setdefault(objective, []).append(lr)
+    settings = CompareSettings(configs=["x.yaml"], objectives=list(lrs), lrs=lrs, select=select)
+    rows, runs = [], []
+    for (objective, lr), scores in selection.items():
+        rows += [{"objective": objective, "lr": lr, "step": 0, "split": s, "reverse_kl": 9.0} for s in SPLITS]
+        rows.append({"objective": objective, "lr": lr, "step": 4, "split": "selection", **scores})
+        rows.append({"objective": objective, "lr": lr, "step": 4, "split": "test", "reverse_kl": 1.0})
+        stop = (diverged or {}).get((objective, lr))
+        why = {"step": stop, "why": "the token-space term is not finite"}
+        runs.append({"objective": objective, "lr": lr, "update_s": 1.0, "update_mib": 2.0, "train_s": 3.0,
+                     "diverged": None if stop is None else why})  # fmt: skip
+    return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
+
+
+SPLITS = ("selection", "test")
+
+
+def _table_text(result: dict) -> str:
+    """The printed table and its caption, with the caption's line wrapping undone."""
+    console = Console(record=True, width=120)
+    print_table(result, console)
+    return " ".join(console.export_text().split())
+
+
+def test_a_single_rate_is_captioned_as_given_and_a_grid_as_chosen():
+    result = _chosen({("oprd", 1e-3): {"reverse_kl": 0.5}, ("oprd", 3e-3): {"reverse_kl": 0.4},
+                      ("opd", 1e-5): {"reverse_kl": 0.7}})  # fmt: skip
+    entries = result["summary"]["objectives"]
+    assert (entries["oprd"]["lr"], entries["oprd"]["how"]) == (3e-3, "chosen")
+    assert (entries["opd"]["lr"], entries["opd"]["how"]) == (1e-5, "given")
+    text = _table_text(result)
+    assert "oprd: lr chosen by reverse_kl on the selection split of 1e-3, 3e-3" in text
+    assert "opd: lr given (one rate, not tuned)" in text and "opd: lr chosen" not in text
+    assert "at the learning rate chosen on the selection split" not in text  # not every objective's was
+
+
+def test_a_tie_is_broken_by_the_other_metric_and_the_table_says_so():
+    result = _chosen({("oprd", 1e-3): {"reverse_kl": 0.5, "accuracy": 0.25},
+                      ("oprd", 3e-3): {"reverse_kl": 0.5, "accuracy": 0.75},
+                      ("oprd", 1e-2): {"reverse_kl": 0.9, "accuracy": 1.0}})  # fmt: skip
+    entry = result["summary"]["objectives"]["oprd"]
+    assert (entry["lr"], entry["how"]) == (3e-3, "chosen")
+    assert entry["note"] == "reverse_kl tied at 0.5 between 1e-3, 3e-3; broken by accuracy (0.75)"
+    by_accuracy = _chosen({("opd", 1e-3): {"accuracy": 0.5, "reverse_kl": 0.3},
+                           ("opd", 3e-3): {"accuracy": 0.5, "reverse_kl": 0.2}}, select="accuracy")  # fmt: skip
+    assert by_accuracy["summary"]["objectives"]["opd"]["lr"] == 3e-3
+    assert "broken by accuracy" in _table_text(result)
+
+
+def test_a_nan_score_or_a_diverged_run_is_never_chosen():
+    nan = float("nan")
+    entry = _chosen({("oprd", 1e-2): {"reverse_kl": nan}, ("oprd", 1e-3): {"reverse_kl": 0.5},
+                     ("oprd", 3e-3): {"reverse_kl": 0.6}})["summary"]["objectives"]["oprd"]  # fmt: skip
+    assert (entry["lr"], entry["how"]) == (1e-3, "chosen")
+    accuracy = _chosen({("oprd", 1e-2): {"accuracy": nan}, ("oprd", 1e-3): {"accuracy": 0.0}}, select="accuracy")
+    assert accuracy["summary"]["objectives"]["oprd"]["lr"] == 1e-3
+    # A diverged run's last selection score is of weights from before it diverged: not a result to choose.
+    diverged = _chosen({("oprd", 1e3): {"reverse_kl": 0.1}, ("oprd", 1e-3): {"reverse_kl": 0.5}},
+                       diverged={("oprd", 1e3): 2})  # fmt: skip
+    entry = diverged["summary"]["objectives"]["oprd"]
+    assert (entry["lr"], entry["diverged"]) == (
+        1e-3,
+        [{"lr": 1e3, "step": 2, "why": "the token-space term is not finite"}],
+    )
+    nothing = _chosen({("opd", 1e-2): {"reverse_kl": nan}, ("opd", 1e3): {}}, diverged={("opd", 1e3): 1})
+    entry = nothing["summary"]["objectives"]["opd"]
+    assert (entry["lr"], entry["how"], entry["test"]) == (None, "none", {})
+    assert entry["note"] == "1e-2 scored no reverse_kl; 1e3 diverged at step 1"
+    assert "opd: no rate to report (1e-2 scored no reverse_kl; 1e3 diverged at step 1)" in _table_text(nothing)

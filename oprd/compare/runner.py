@@ -25,12 +25,12 @@ from typing import Any, Literal
 from lightning.pytorch.loggers import WandbLogger
 
 from oprd.compare.probe import CompareProbe
+from oprd.compare.select import Tried, pick_rate
 from oprd.data import load_prompts
 from oprd.evaluation.report import DistillReport
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = {"reverse_kl", "repetition"}
 FRAGMENTS = Path(__file__).resolve().parents[2] / "configs"
 """The repository's objective fragments (`opd`, `opd_topk`, `mix`, `oprd`, ...), for a source checkout."""
 
@@ -205,23 +205,30 @@ def final_rows(rows: list[dict], objective: str, lr: float | None) -> dict[str, 
 
 
 def choose(rows: list[dict], runs: list[dict], settings: CompareSettings) -> dict[str, Any]:
-    """Per objective: the learning rate whose final `select` metric on the selection split is best, and what that
-    run scored on the test split (and the final-only sets), its cost, and every rate tried."""
-    sign = 1 if settings.select in LOWER_IS_BETTER else -1
+    """Per objective: the learning rate whose final `select` metric on the selection split is best (see
+    `oprd.compare.select`), what that run scored on the test split (and the final-only sets), its cost, every rate
+    tried and those that diverged."""
     chosen = {}
     for objective in settings.objectives:
         tried = [run for run in runs if run["objective"] == objective]
-        scores = [final_rows(rows, objective, run["lr"])["selection"].get(settings.select) for run in tried]
-        best = min(zip(scores, tried, strict=True), key=lambda s: sign * s[0] if s[0] is not None else float("inf"))[1]
-        finals = final_rows(rows, objective, best["lr"])
+        selection = [final_rows(rows, objective, run["lr"]).get("selection", {}) for run in tried]
+        pick = pick_rate(
+            [Tried(run["lr"], scores, run.get("diverged")) for run, scores in zip(tried, selection, strict=True)],
+            settings.select,
+        )
+        best = next((run for run in tried if run["lr"] == pick.lr), {}) if pick.how != "none" else {}
+        finals = final_rows(rows, objective, pick.lr) if best else {}
         chosen[objective] = {
-            "lr": best["lr"],
+            "lr": pick.lr,
+            "how": pick.how,
+            "note": pick.note,
             "lrs_tried": [run["lr"] for run in tried],
-            "steps": finals["test"]["step"],
-            "test": finals["test"],
-            "selection": finals["selection"],
+            "diverged": [{"lr": run["lr"], **run["diverged"]} for run in tried if run.get("diverged")],
+            "steps": finals.get("test", {}).get("step"),
+            "test": finals.get("test", {}),
+            "selection": finals.get("selection", {}),
             "final_only": {split: finals[split] for split in settings.final_heldout if split in finals},
-            **{k: best[k] for k in ("update_s", "update_mib", "train_s")},
+            **{k: best.get(k) for k in ("update_s", "update_mib", "train_s")},
         }
     shared = {lr for objective in settings.objectives for lr in learning_rates(settings, objective)}
     return {
