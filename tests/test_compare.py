@@ -202,3 +202,19 @@ def test_a_nan_score_or_a_diverged_run_is_never_chosen():
     assert (entry["lr"], entry["how"], entry["test"]) == (None, "none", {})
     assert entry["note"] == "1e-2 scored no reverse_kl; 1e3 diverged at step 1"
     assert "opd: no rate to report (1e-2 scored no reverse_kl; 1e3 diverged at step 1)" in _table_text(nothing)
+
+
+def test_a_diverging_rate_is_recorded_with_its_step_and_the_comparison_goes_on(tmp_path):
+    main([
+        "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives", "oprd", "--lr", "3e-3", "1e3",
+        "--steps", "3", "--eval_prompts", "4", "--out", str(tmp_path),
+        "--", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+    ])  # fmt: skip
+    result = json.loads((tmp_path / "compare.json").read_text())
+    diverged = {run["lr"]: run["diverged"] for run in result["runs"]}
+    assert diverged[3e-3] is None and 1 <= diverged[1e3]["step"] <= 3 and "not finite" in diverged[1e3]["why"]
+    entry = result["summary"]["objectives"]["oprd"]
+    assert (entry["lr"], entry["how"], entry["steps"]) == (3e-3, "chosen", 3)
+    assert entry["diverged"] == [{"lr": 1e3, **diverged[1e3]}]
+    assert not list(tmp_path.glob("**/*.ckpt"))  # the guard's checkpoint to resume from: compare resumes nothing
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2

@@ -28,6 +28,7 @@ from oprd.compare.probe import CompareProbe
 from oprd.compare.select import Tried, pick_rate
 from oprd.data import load_prompts
 from oprd.evaluation.report import DistillReport
+from oprd.training.guard import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
 
 def run_isolated(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
     """`run_one` in a fresh process: every run starts from a clean interpreter (nothing of the previous run's models
-    stays in memory), as `oprd fit` would. Returns the probe's rows and summary."""
+    stays in memory), as `oprd fit` would. Returns the probe's rows and summary, and how the run diverged (None when
+    it did not)."""
     # Not a multiprocessing Pool: a Pool whose worker dies (killed for memory, say) waits for its result forever.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
@@ -146,12 +148,14 @@ def _child(settings: CompareSettings, objective: str, lr: float | None) -> tuple
     show_progress_logs()
     quiet_startup()
     del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
-    probe = run_one(settings, objective, lr)
-    return probe.rows, probe.summary()
+    probe, diverged = run_one(settings, objective, lr)
+    return probe.rows, probe.summary(), diverged
 
 
-def run_one(settings: CompareSettings, objective: str, lr: float | None):
-    """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe."""
+def run_one(settings: CompareSettings, objective: str, lr: float | None) -> tuple[CompareProbe, dict | None]:
+    """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe,
+    and `{"step", "why"}` when the run stopped on a non-finite loss or gradient (a result of the comparison: the
+    other rates still run)."""
     from oprd.cli.main import build_cli
 
     cli = build_cli(fit_args(settings, objective, lr))
@@ -172,12 +176,25 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None):
         final_only=final,
     )
     cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, DistillReport)] + [probe]
-    cli.trainer.fit(cli.model, cli.datamodule)
+    diverged = None
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    except NonFiniteError as err:
+        diverged = _diverged(err, cli.trainer.default_root_dir)
     if isinstance(cli.trainer.logger, WandbLogger):
         cli.trainer.logger.experiment.finish()
     del cli
     gc.collect()
-    return probe
+    return probe, diverged
+
+
+def _diverged(err: NonFiniteError, root: str) -> dict[str, Any]:
+    """What a comparison records of a run that diverged. The guard's hint to lower the rate and resume does not apply
+    here (the grid is the point), and neither does its last-good checkpoint: compare keeps no checkpoints."""
+    for checkpoint in Path(root).glob(f"nonfinite-step{err.step}-last-good.ckpt"):
+        checkpoint.unlink()
+    log.warning("compare: the run diverged at step %s (%s); going on with the next.", err.step, err.what)
+    return {"step": err.step, "why": err.what}
 
 
 def compare(settings: CompareSettings) -> dict[str, Any]:
@@ -189,10 +206,10 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
             log.info("compare: %s", run_name(objective, lr))
-            probe_rows, summary = run_isolated(settings, objective, lr)
+            probe_rows, summary, diverged = run_isolated(settings, objective, lr)
             rows += [{"objective": objective, "lr": lr, **row} for row in probe_rows]
-            runs.append({"objective": objective, "lr": lr, **summary})
-            record = {"run": runs[-1], "rows": rows[-len(probe_rows) :]}
+            runs.append({"objective": objective, "lr": lr, **summary, "diverged": diverged})
+            record = {"run": runs[-1], "rows": rows[len(rows) - len(probe_rows) :]}
             with progress.open("a") as file:
                 file.write(json.dumps(record, default=str) + "\n")
     return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
