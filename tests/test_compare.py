@@ -218,3 +218,17 @@ def test_a_diverging_rate_is_recorded_with_its_step_and_the_comparison_goes_on(t
     assert entry["diverged"] == [{"lr": 1e3, **diverged[1e3]}]
     assert not list(tmp_path.glob("**/*.ckpt"))  # the guard's checkpoint to resume from: compare resumes nothing
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_two_objectives_of_one_name_or_a_rate_given_twice_are_refused(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "obj.yaml").write_text("model:\n  hidden_weight: 1.0\n")
+    a, b = str(tmp_path / "a/obj.yaml"), str(tmp_path / "b/obj.yaml")
+    with pytest.raises(ValueError, match=r"--objectives .*a/obj.yaml and .*b/obj.yaml are all named 'obj'"):
+        CompareSettings(configs=["x.yaml"], objectives=[a, b])
+    with pytest.raises(ValueError, match="--objectives opd and opd are all named 'opd'"):
+        CompareSettings(configs=["x.yaml"], objectives=["opd", "opd"])
+    with pytest.raises(ValueError, match=r"--lr gives oprd the rate\(s\) \[0.001\] more than once"):
+        CompareSettings(configs=["x.yaml"], objectives=["oprd"], lrs={"*": [1e-3, 1e-3]})
+    assert CompareSettings(configs=["x.yaml"], objectives=[a, "opd"]).objectives == ["obj", "opd"]

@@ -79,11 +79,25 @@ class CompareSettings:
                 raise ValueError(f"--{name} must be >= 1, got {value}.")
         if self.eval_prompts < 2:
             raise ValueError("--eval_prompts must be >= 2: half pick the learning rate, half report it.")
-        self.fragments = {label(objective): fragment(objective) for objective in self.objectives}
-        self.objectives = list(self.fragments)
+        labels = [label(objective) for objective in self.objectives]
+        for name in dict.fromkeys(labels):
+            same = [objective for objective, other in zip(self.objectives, labels, strict=True) if other == name]
+            if len(same) > 1:  # one name would collapse them into one run folder, one table row and one --lr key
+                raise ValueError(
+                    f"--objectives {' and '.join(same)} are all named {name!r} (the name of a run, a table row and "
+                    f"--lr {name}=...): give each objective once, and objectives in different folders different file "
+                    "names."
+                )
+        self.fragments = {name: fragment(objective) for name, objective in zip(labels, self.objectives, strict=True)}
+        self.objectives = labels
         unknown = set(self.lrs) - set(self.objectives) - {"*"}
         if unknown:
             raise ValueError(f"--lr names {sorted(unknown)}, which are not among --objectives {self.objectives}.")
+        for objective in self.objectives:
+            rates = learning_rates(self, objective)
+            twice = sorted({lr for lr in rates if rates.count(lr) > 1})
+            if twice:
+                raise ValueError(f"--lr gives {objective} the rate(s) {twice} more than once: list each rate once.")
 
 
 def label(objective: str) -> str:
