@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -232,3 +237,23 @@ def test_two_objectives_of_one_name_or_a_rate_given_twice_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--lr gives oprd the rate\(s\) \[0.001\] more than once"):
         CompareSettings(configs=["x.yaml"], objectives=["oprd"], lrs={"*": [1e-3, 1e-3]})
     assert CompareSettings(configs=["x.yaml"], objectives=[a, "opd"]).objectives == ["obj", "opd"]
+
+
+def test_an_installed_wheel_finds_its_objective_fragments_outside_a_checkout(tmp_path):
+    # Built from a copy of the package alone: what `pip install oprd` gets, without the repository's configs/.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "oprd", source / "oprd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, source], check=True)
+    (wheel,) = tmp_path.glob("oprd-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    assert {f"oprd/compare/objectives/{n}.yaml" for n in ("oprd", "opd", "opd_topk", "mix")} <= shipped
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True)
+    code = "from oprd.compare.runner import fragment; print(fragment('opd'))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == tmp_path / "site/oprd/compare/objectives/opd.yaml"
+    assert (ROOT / "configs/opd.yaml").read_text() == Path(found.stdout.strip()).read_text()  # configs/ still works

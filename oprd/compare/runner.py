@@ -32,8 +32,9 @@ from oprd.training.guard import NonFiniteError
 
 log = logging.getLogger(__name__)
 
-FRAGMENTS = Path(__file__).resolve().parents[2] / "configs"
-"""The repository's objective fragments (`opd`, `opd_topk`, `mix`, `oprd`, ...), for a source checkout."""
+FRAGMENTS = Path(__file__).resolve().parent / "objectives"
+"""The objective fragments shipped in the package (`opd`, `opd_topk`, `mix`, `oprd`): an installed `oprd` finds them
+too. The repository's `configs/` links to them, for `oprd fit --config configs/opd.yaml`."""
 
 
 @dataclass
@@ -43,8 +44,8 @@ class CompareSettings:
     configs: list[str]
     """The `fit` config(s) of the pair, data and trainer."""
     objectives: list[str] = field(default_factory=lambda: ["oprd", "opd"])
-    """Objective fragments: names in `configs/` (`oprd`, `opd`, `opd_topk`, `mix`) or YAML paths (named after the
-    file, `benchmarks/objectives/oprd_std.yaml` -> `oprd_std`)."""
+    """Objective fragments: shipped names (`oprd`, `opd`, `opd_topk`, `mix`) or YAML paths (named after the file,
+    `benchmarks/objectives/oprd_std.yaml` -> `oprd_std`)."""
     lrs: dict[str, list[float]] = field(default_factory=dict)
     """Learning rates per objective (`*`: every objective); none given: the config's own."""
     steps: int | None = None
@@ -106,11 +107,11 @@ def label(objective: str) -> str:
 
 
 def fragment(objective: str) -> Path:
-    """The YAML file of an objective: a path, or a name in `configs/` (of the working folder or the repository)."""
+    """The YAML file of an objective: a path, a name in the working folder's `configs/`, or a shipped name."""
     for candidate in (Path(objective), Path("configs") / f"{objective}.yaml", FRAGMENTS / f"{objective}.yaml"):
         if candidate.is_file():
             return candidate
-    names = sorted(p.stem for p in FRAGMENTS.glob("*.yaml") if "teacher:" not in p.read_text())
+    names = sorted(p.stem for p in FRAGMENTS.glob("*.yaml"))
     raise ValueError(f"Objective {objective!r} is neither a YAML file nor one of configs/: {', '.join(names)}.")
 
 
