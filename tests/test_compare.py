@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from rich.console import Console
 from oprd.cli import main
 from oprd.cli.compare import parse_lrs
 from oprd.compare.report import print_table
-from oprd.compare.runner import CompareSettings, choose
+from oprd.compare.runner import CompareSettings, choose, compare
 from tests import wandb_reader
 from tests.conftest import ROOT
 
@@ -210,6 +211,7 @@ def test_a_nan_score_or_a_diverged_run_is_never_chosen():
 
 
 def test_a_diverging_rate_is_recorded_with_its_step_and_the_comparison_goes_on(tmp_path):
+    (tmp_path / "runs.jsonl").write_text('{"run": "an earlier comparison"}\n')
     main([
         "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives", "oprd", "--lr", "3e-3", "1e3",
         "--steps", "3", "--eval_prompts", "4", "--out", str(tmp_path),
@@ -223,6 +225,8 @@ def test_a_diverging_rate_is_recorded_with_its_step_and_the_comparison_goes_on(t
     assert entry["diverged"] == [{"lr": 1e3, **diverged[1e3]}]
     assert not list(tmp_path.glob("**/*.ckpt"))  # the guard's checkpoint to resume from: compare resumes nothing
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    (earlier,) = tmp_path.glob("runs-earlier-*.jsonl")  # the earlier comparison's record, kept aside
+    assert earlier.read_text() == '{"run": "an earlier comparison"}\n'
 
 
 def test_two_objectives_of_one_name_or_a_rate_given_twice_are_refused(tmp_path):
@@ -257,3 +261,41 @@ def test_an_installed_wheel_finds_its_objective_fragments_outside_a_checkout(tmp
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()) == tmp_path / "site/oprd/compare/objectives/opd.yaml"
     assert (ROOT / "configs/opd.yaml").read_text() == Path(found.stdout.strip()).read_text()  # configs/ still works
+
+
+def _refused(tmp_path, match: str, **settings) -> None:
+    """`compare` refuses these settings before its first run, leaving an earlier comparison in --out as it was."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "runs.jsonl").write_text('{"run": "an earlier comparison"}\n')
+    settings = {"configs": [str(ROOT / "configs/tiny.yaml")], "objectives": ["oprd"], "out": out, **settings}
+    with pytest.raises((ValueError, argparse.ArgumentError), match=match):
+        compare(CompareSettings(**settings))
+    assert sorted(p.name for p in out.iterdir()) == ["runs.jsonl"]
+    assert (out / "runs.jsonl").read_text() == '{"run": "an earlier comparison"}\n'
+
+
+def test_a_mistyped_config_or_prompt_source_is_refused_before_out_is_touched(tmp_path):
+    _refused(tmp_path, "tiny.yml", configs=[str(ROOT / "configs/tiny.yml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_wieght: 1.0\n")
+    _refused(tmp_path, "hidden_wieght", objectives=["oprd", str(bad)])
+    _refused(
+        tmp_path, "--final_heldout arithmetic-rephrasd: .*neither a built-in", final_heldout=["arithmetic-rephrasd"]
+    )
+    _refused(tmp_path, "Cannot read prompt file .*nope.jsonl", extra=["--data.val", str(tmp_path / "nope.jsonl")])
+
+
+def test_too_few_held_out_prompts_or_accuracy_without_answers_are_refused_with_what_is_wrong(tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "What is 2 plus 2?", "answer": "4"}\n')
+    too_few = "at least 2 held-out prompts .* and data.val .*one.jsonl holds 1: add prompts to it"
+    _refused(tmp_path, too_few, extra=["--data.val", str(one)])
+    _refused(tmp_path, "and data.max_val_prompts is 1: raise it", extra=["--data.max_val_prompts", "1"])
+    _refused(tmp_path, "and data.num_val is 1: raise it", extra=["--data.num_val", "1"])
+    _refused(tmp_path, "and there are none: add `-- --data.val", extra=["--data.train", str(one)])
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text('{"prompt": "Say hi."}\n{"prompt": "What is 2 plus 2?", "answer": "4"}\n{"prompt": "Hi?"}\n')
+    _refused(tmp_path, r"--select accuracy needs an answer .* 2 of the 3 held-out prompts", select="accuracy",
+             extra=["--data.val", str(unanswered)])  # fmt: skip
+    assert not list((tmp_path / "out").glob("oprd*"))

@@ -24,9 +24,10 @@ from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger
 
+from oprd.compare import checks
 from oprd.compare.probe import CompareProbe
 from oprd.compare.select import Tried, pick_rate
-from oprd.data import load_prompts
+from oprd.data import heldout_source, load_prompts
 from oprd.evaluation.report import DistillReport
 from oprd.training.guard import NonFiniteError
 
@@ -176,8 +177,8 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None) -> tupl
     cli = build_cli(fit_args(settings, objective, lr))
     cli.datamodule.setup("fit")
     items = cli.datamodule.val_items[: settings.eval_prompts]
-    if len(items) < 2:
-        raise ValueError("oprd compare needs held-out prompts: set data.val (or train on a built-in task).")
+    if len(items) < 2:  # checked before the first run too (`checks.heldout_items`)
+        raise ValueError(checks.too_few_heldout(cli.datamodule.hparams, len(cli.datamodule.val_items)))
     hp = cli.datamodule.hparams
     final = {source: load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)[: settings.eval_prompts]
              for source in settings.final_heldout}  # fmt: skip
@@ -214,9 +215,11 @@ def _diverged(err: NonFiniteError, root: str) -> dict[str, Any]:
 
 def compare(settings: CompareSettings) -> dict[str, Any]:
     """Every objective at every learning rate; returns the rows, each run's cost, and the choice per objective."""
+    check(settings)
     rows, runs = [], []
     settings.out.mkdir(parents=True, exist_ok=True)
     progress = settings.out / "runs.jsonl"  # each finished run at once: a long comparison stopped half-way keeps them
+    checks.keep_earlier_progress(progress)
     progress.write_text("")
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
@@ -228,6 +231,17 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
             with progress.open("a") as file:
                 file.write(json.dumps(record, default=str) + "\n")
     return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
+
+
+def check(settings: CompareSettings) -> None:
+    """Every run's settings parse and pass `fit`'s checks, and its held-out and `--final_heldout` prompts load, before
+    the first run and before anything is written to `--out` (`oprd.compare.checks`)."""
+    for objective in settings.objectives:
+        for lr in learning_rates(settings, objective):
+            data = checks.parse_fit(fit_args(settings, objective, lr)).data.as_dict()
+        items = checks.heldout_items(data, settings.eval_prompts)
+        checks.check_answers(items, settings.select, heldout_source(data["train"], data["val"]))
+        checks.check_final_heldout(settings.final_heldout, data)
 
 
 def final_rows(rows: list[dict], objective: str, lr: float | None) -> dict[str, dict]:
