@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def parse_fit(args: list[str]) -> Namespace:
         def after_instantiate_classes(self) -> None:
             pass
 
-    config = build_cli(args, cli_class=ParseOnly).config
+    with warnings.catch_warnings():  # sys.argv holds `oprd compare`'s command line; this run's is `args`, as meant
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        config = build_cli(args, cli_class=ParseOnly).config
     checked = config.clone()
     # `fit` checks that its output folder can be written by creating it; here that folder is inside --out, which must
     # stay untouched until every check has passed: check the folder it would be created in instead.

@@ -81,6 +81,7 @@ class CompareSettings:
                 raise ValueError(f"--{name} must be >= 1, got {value}.")
         if self.eval_prompts < 2:
             raise ValueError("--eval_prompts must be >= 2: half pick the learning rate, half report it.")
+        files = [fragment(objective) for objective in self.objectives]
         labels = [label(objective) for objective in self.objectives]
         for name in dict.fromkeys(labels):
             same = [objective for objective, other in zip(self.objectives, labels, strict=True) if other == name]
@@ -90,7 +91,7 @@ class CompareSettings:
                     f"--lr {name}=...): give each objective once, and objectives in different folders different file "
                     "names."
                 )
-        self.fragments = {name: fragment(objective) for name, objective in zip(labels, self.objectives, strict=True)}
+        self.fragments = dict(zip(labels, files, strict=True))
         self.objectives = labels
         unknown = set(self.lrs) - set(self.objectives) - {"*"}
         if unknown:
