@@ -296,6 +296,6 @@ def test_too_few_held_out_prompts_or_accuracy_without_answers_are_refused_with_w
     _refused(tmp_path, "and there are none: add `-- --data.val", extra=["--data.train", str(one)])
     unanswered = tmp_path / "unanswered.jsonl"
     unanswered.write_text('{"prompt": "Say hi."}\n{"prompt": "What is 2 plus 2?", "answer": "4"}\n{"prompt": "Hi?"}\n')
-    _refused(tmp_path, r"--select accuracy needs an answer .* 2 of the 3 held-out prompts", select="accuracy",
-             extra=["--data.val", str(unanswered)])  # fmt: skip
+    no_answers = r"--select accuracy needs answers, and none of the 2 selection prompts .*unanswered.jsonl"
+    _refused(tmp_path, no_answers, select="accuracy", extra=["--data.val", str(unanswered)])
     assert not list((tmp_path / "out").glob("oprd*"))

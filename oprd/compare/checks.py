@@ -20,8 +20,8 @@ from oprd.data import heldout_source, load_prompts
 log = logging.getLogger(__name__)
 
 NO_ANSWERS = (
-    "--select accuracy needs an answer for every held-out prompt, and {missing} of the {total} held-out prompts of "
-    '{source} have none: add "answer" to each of them, or choose by --select reverse_kl.'
+    "--select accuracy needs answers, and none of the {total} selection prompts (every other held-out prompt of "
+    '{source}) has one: add "answer" to them, or choose by --select reverse_kl.'
 )
 
 
@@ -91,12 +91,11 @@ def too_few_heldout(data: dict[str, Any], count: int) -> str:
     )
 
 
-def check_answers(items: list[dict[str, Any]], select: str, source: str) -> None:
-    """`--select accuracy` is refused on prompts without answers: every run would score no accuracy, and the choice
-    would fall to the first rate listed."""
-    missing = sum(item.get("answer") is None for item in items)
-    if select == "accuracy" and missing:
-        raise ValueError(NO_ANSWERS.format(missing=missing, total=len(items), source=source))
+def check_answers(selection: list[dict[str, Any]], select: str, source: str) -> None:
+    """`--select accuracy` is refused when no selection prompt has an answer: no run would score an accuracy, and the
+    choice would fall to the first rate listed. (Accuracy is a mean over the answered prompts.)"""
+    if select == "accuracy" and all(item.get("answer") is None for item in selection):
+        raise ValueError(NO_ANSWERS.format(total=len(selection), source=source))
 
 
 def check_final_heldout(sources: list[str], data: dict[str, Any]) -> None:
