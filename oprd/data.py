@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = ("arithmetic", "arithmetic-rephrased")
+BUILTIN_SOURCES = ("arithmetic", "arithmetic-large", "arithmetic-rephrased")
+TRAINING_RANGE = (1, 20)
+"""The operands of the built-in `arithmetic` task (both splits): the demo teacher was fine-tuned on these."""
+LARGE_RANGE = (21, 40)
+"""The operands of `arithmetic-large` and `arithmetic-rephrased`: outside `TRAINING_RANGE`, so neither set shares a
+pair with the training split or with the held-out split that picks a comparison's learning rate, whatever the seed."""
 REPHRASINGS = (
     "Add {a} and {b}.",
     "What's {a}+{b}?",
@@ -35,7 +40,9 @@ REPHRASINGS = (
 """Other ways to ask "What is a plus b?": a held-out check that distillation taught addition, not one phrasing."""
 
 
-def arithmetic_examples(split: str = "train", seed: int = 0, num_val: int = 100, low: int = 1, high: int = 20):
+def arithmetic_examples(
+    split: str = "train", seed: int = 0, num_val: int = 100, low: int = TRAINING_RANGE[0], high: int = TRAINING_RANGE[1]
+):
     """The built-in arithmetic task: "What is a plus b?" with the answer kept for scoring.
 
     All pairs (a, b) with low <= a, b <= high are shuffled with `seed`; the first `num_val` are held out, so the
@@ -44,24 +51,38 @@ def arithmetic_examples(split: str = "train", seed: int = 0, num_val: int = 100,
     Returns:
         list of `{"prompt": ..., "answer": ...}` dicts.
     """
+    return [
+        {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "response": f"{a} + {b} = {a + b}."}
+        for a, b in split_pairs(split, seed, num_val, low, high)
+    ]
+
+
+def split_pairs(split: str, seed: int, num_val: int, low: int, high: int) -> list[tuple[int, int]]:
+    """Every pair (a, b) with low <= a, b <= high, shuffled with `seed`: the first `num_val` for `val`, the rest
+    otherwise."""
     pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
     if not 0 < num_val < len(pairs):
         raise ValueError(f"num_val must be between 1 and {len(pairs) - 1} for numbers {low}..{high}, got {num_val}.")
     random.Random(seed).shuffle(pairs)
-    chosen = pairs[:num_val] if split == "val" else pairs[num_val:]
-    return [
-        {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "response": f"{a} + {b} = {a + b}."}
-        for a, b in chosen
-    ]
+    return pairs[:num_val] if split == "val" else pairs[num_val:]
+
+
+def large_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
+    """Sums outside the training range: "What is a plus b?" with 21 <= a, b <= 40 (`LARGE_RANGE`), split as
+    `arithmetic_examples` splits its pairs."""
+    return arithmetic_examples(split, seed=seed, num_val=num_val, low=LARGE_RANGE[0], high=LARGE_RANGE[1])
 
 
 def rephrased_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
-    """The same pairs and splits as `arithmetic_examples`, each asked in one of `REPHRASINGS` (in turn)."""
-    items = arithmetic_examples(split, seed=seed, num_val=num_val)
-    pairs = [item["prompt"].removeprefix("What is ").removesuffix("?").split(" plus ") for item in items]
+    """`large_examples`' pairs, each asked in one of `REPHRASINGS` (in turn).
+
+    Its own pairs, not the held-out split's: a set that asked the selection split's pairs again would not be
+    independent of the learning rate chosen on them. The same pairs as `arithmetic-large`, so that comparing the two
+    separates the phrasing from the larger numbers.
+    """
     return [
-        {"prompt": REPHRASINGS[i % len(REPHRASINGS)].format(a=a, b=b), "answer": item["answer"]}
-        for i, ((a, b), item) in enumerate(zip(pairs, items, strict=True))
+        {"prompt": REPHRASINGS[i % len(REPHRASINGS)].format(a=a, b=b), "answer": str(a + b)}
+        for i, (a, b) in enumerate(split_pairs(split, seed, num_val, *LARGE_RANGE))
     ]
 
 
@@ -113,6 +134,8 @@ def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int 
     """Load prompts from a built-in name, a `.jsonl` file or a folder written by `datasets.save_to_disk`."""
     if source == "arithmetic":
         return arithmetic_examples(split, seed=seed, num_val=num_val)
+    if source == "arithmetic-large":
+        return large_examples(split, seed=seed, num_val=num_val)
     if source == "arithmetic-rephrased":
         return rephrased_examples(split, seed=seed, num_val=num_val)
     path = Path(source)

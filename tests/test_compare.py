@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from rich.console import Console
 
+import oprd.compare.probe
 from oprd.cli import main
 from oprd.cli.compare import parse_lrs
 from oprd.compare.probe import CompareProbe
 from oprd.compare.report import print_table
-from oprd.compare.runner import CompareSettings
+from oprd.compare.runner import CompareSettings, choose, compare
 from oprd.data import PromptDataModule, arithmetic_examples
 from oprd.rollout.engine import HFGenerateEngine
 from oprd.training.memory import UpdateMemory
@@ -253,10 +261,15 @@ def test_the_clock_counts_weight_sync_and_calibration_and_not_the_evaluations(tm
     assert [r["step"] for r in probe.rows] == [0, 1, 2, 3]
 
 
-def test_a_time_budget_stops_before_the_step_that_would_overshoot_it(tmp_path):
-    def slow_teacher(micro):  # steps of at least 1.5 s: the prediction is far above the noise of a tiny step
+def test_a_time_budget_stops_before_the_step_that_would_overshoot_it(tmp_path, monkeypatch):
+    # The probe's clock is a virtual one that only the teacher pass advances (1.5 s a step): how long the tiny step
+    # really takes on a loaded machine must not decide whether the run stops in time.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(oprd.compare.probe, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    def slow_teacher(micro):
         if micro.index is not None:
-            time.sleep(1.5)
+            clock["now"] += 1.5
 
     probe = _probe(budget_s=5.0)
     _fit(tmp_path, probe, steps=50, hooks=[("teacher", slow_teacher)])
@@ -272,3 +285,169 @@ def test_progress_lines_name_the_run_the_step_and_the_time_left(tmp_path, caplog
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compare: run 2 of 3")]
     assert len(lines) == 2 and "step 2 of 4" in lines[0] and "step 4 of 4" in lines[1]
     assert all(" left" in line for line in lines)
+
+
+def _chosen(selection: dict[tuple[str, float], dict], select: str = "reverse_kl", diverged: dict | None = None) -> dict:
+    """`choose` over made-up runs: (objective, lr) -> final selection-split scores (the test split scores 1.0)."""
+    lrs = {}
+    for objective, lr in selection:
+        lrs.setdefault(objective, []).append(lr)
+    settings = CompareSettings(configs=["x.yaml"], objectives=list(lrs), lrs=lrs, select=select)
+    rows, runs = [], []
+    for (objective, lr), scores in selection.items():
+        rows += [{"objective": objective, "lr": lr, "step": 0, "split": s, "reverse_kl": 9.0} for s in SPLITS]
+        rows.append({"objective": objective, "lr": lr, "step": 4, "split": "selection", **scores})
+        rows.append({"objective": objective, "lr": lr, "step": 4, "split": "test", "reverse_kl": 1.0})
+        stop = (diverged or {}).get((objective, lr))
+        why = {"step": stop, "why": "the token-space term is not finite"}
+        runs.append({"objective": objective, "lr": lr, "update_s": 1.0, "update_mib": 2.0, "train_s": 3.0,
+                     "diverged": None if stop is None else why})  # fmt: skip
+    return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
+
+
+SPLITS = ("selection", "test")
+
+
+def _table_text(result: dict) -> str:
+    """The printed table and its caption, with the caption's line wrapping undone."""
+    console = Console(record=True, width=120)
+    print_table(result, console)
+    return " ".join(console.export_text().split())
+
+
+def test_a_single_rate_is_captioned_as_given_and_a_grid_as_chosen():
+    result = _chosen({("oprd", 1e-3): {"reverse_kl": 0.5}, ("oprd", 3e-3): {"reverse_kl": 0.4},
+                      ("opd", 1e-5): {"reverse_kl": 0.7}})  # fmt: skip
+    entries = result["summary"]["objectives"]
+    assert (entries["oprd"]["lr"], entries["oprd"]["how"]) == (3e-3, "chosen")
+    assert (entries["opd"]["lr"], entries["opd"]["how"]) == (1e-5, "given")
+    text = _table_text(result)
+    assert "oprd: lr chosen by reverse_kl on the selection split of 1e-3, 3e-3" in text
+    assert "opd: lr given (one rate, not tuned)" in text and "opd: lr chosen" not in text
+    assert "at the learning rate chosen on the selection split" not in text  # not every objective's was
+
+
+def test_a_tie_is_broken_by_the_other_metric_and_the_table_says_so():
+    result = _chosen({("oprd", 1e-3): {"reverse_kl": 0.5, "accuracy": 0.25},
+                      ("oprd", 3e-3): {"reverse_kl": 0.5, "accuracy": 0.75},
+                      ("oprd", 1e-2): {"reverse_kl": 0.9, "accuracy": 1.0}})  # fmt: skip
+    entry = result["summary"]["objectives"]["oprd"]
+    assert (entry["lr"], entry["how"]) == (3e-3, "chosen")
+    assert entry["note"] == "reverse_kl tied at 0.5 between 1e-3, 3e-3; broken by accuracy (0.75)"
+    by_accuracy = _chosen({("opd", 1e-3): {"accuracy": 0.5, "reverse_kl": 0.3},
+                           ("opd", 3e-3): {"accuracy": 0.5, "reverse_kl": 0.2}}, select="accuracy")  # fmt: skip
+    assert by_accuracy["summary"]["objectives"]["opd"]["lr"] == 3e-3
+    assert "broken by accuracy" in _table_text(result)
+
+
+def test_a_nan_score_or_a_diverged_run_is_never_chosen():
+    nan = float("nan")
+    entry = _chosen({("oprd", 1e-2): {"reverse_kl": nan}, ("oprd", 1e-3): {"reverse_kl": 0.5},
+                     ("oprd", 3e-3): {"reverse_kl": 0.6}})["summary"]["objectives"]["oprd"]  # fmt: skip
+    assert (entry["lr"], entry["how"]) == (1e-3, "chosen")
+    accuracy = _chosen({("oprd", 1e-2): {"accuracy": nan}, ("oprd", 1e-3): {"accuracy": 0.0}}, select="accuracy")
+    assert accuracy["summary"]["objectives"]["oprd"]["lr"] == 1e-3
+    # A diverged run's last selection score is of weights from before it diverged: not a result to choose.
+    diverged = _chosen({("oprd", 1e3): {"reverse_kl": 0.1}, ("oprd", 1e-3): {"reverse_kl": 0.5}},
+                       diverged={("oprd", 1e3): 2})  # fmt: skip
+    entry = diverged["summary"]["objectives"]["oprd"]
+    assert (entry["lr"], entry["diverged"]) == (
+        1e-3,
+        [{"lr": 1e3, "step": 2, "why": "the token-space term is not finite"}],
+    )
+    nothing = _chosen({("opd", 1e-2): {"reverse_kl": nan}, ("opd", 1e3): {}}, diverged={("opd", 1e3): 1})
+    entry = nothing["summary"]["objectives"]["opd"]
+    assert (entry["lr"], entry["how"], entry["test"]) == (None, "none", {})
+    assert entry["note"] == "1e-2 scored no reverse_kl; 1e3 diverged at step 1"
+    assert "opd: no rate to report (1e-2 scored no reverse_kl; 1e3 diverged at step 1)" in _table_text(nothing)
+
+
+def test_a_diverging_rate_is_recorded_with_its_step_and_the_comparison_goes_on(tmp_path):
+    (tmp_path / "runs.jsonl").write_text('{"run": "an earlier comparison"}\n')
+    main([
+        "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives", "oprd", "--lr", "3e-3", "1e3",
+        "--steps", "3", "--eval_prompts", "4", "--out", str(tmp_path),
+        "--", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+    ])  # fmt: skip
+    result = json.loads((tmp_path / "compare.json").read_text())
+    diverged = {run["lr"]: run["diverged"] for run in result["runs"]}
+    assert diverged[3e-3] is None and 1 <= diverged[1e3]["step"] <= 3 and "not finite" in diverged[1e3]["why"]
+    entry = result["summary"]["objectives"]["oprd"]
+    assert (entry["lr"], entry["how"], entry["steps"]) == (3e-3, "chosen", 3)
+    assert entry["diverged"] == [{"lr": 1e3, **diverged[1e3]}]
+    assert not list(tmp_path.glob("**/*.ckpt"))  # the guard's checkpoint to resume from: compare resumes nothing
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    (earlier,) = tmp_path.glob("runs-earlier-*.jsonl")  # the earlier comparison's record, kept aside
+    assert earlier.read_text() == '{"run": "an earlier comparison"}\n'
+
+
+def test_two_objectives_of_one_name_or_a_rate_given_twice_are_refused(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "obj.yaml").write_text("model:\n  hidden_weight: 1.0\n")
+    a, b = str(tmp_path / "a/obj.yaml"), str(tmp_path / "b/obj.yaml")
+    with pytest.raises(ValueError, match=r"--objectives .*a/obj.yaml and .*b/obj.yaml are all named 'obj'"):
+        CompareSettings(configs=["x.yaml"], objectives=[a, b])
+    with pytest.raises(ValueError, match="--objectives opd and opd are all named 'opd'"):
+        CompareSettings(configs=["x.yaml"], objectives=["opd", "opd"])
+    with pytest.raises(ValueError, match=r"--lr gives oprd the rate\(s\) \[0.001\] more than once"):
+        CompareSettings(configs=["x.yaml"], objectives=["oprd"], lrs={"*": [1e-3, 1e-3]})
+    assert CompareSettings(configs=["x.yaml"], objectives=[a, "opd"]).objectives == ["obj", "opd"]
+
+
+def test_an_installed_wheel_finds_its_objective_fragments_outside_a_checkout(tmp_path):
+    # Built from a copy of the package alone: what `pip install oprd` gets, without the repository's configs/.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "oprd", source / "oprd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, source], check=True)
+    (wheel,) = tmp_path.glob("oprd-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    assert {f"oprd/compare/objectives/{n}.yaml" for n in ("oprd", "opd", "opd_topk", "mix")} <= shipped
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True)
+    code = "from oprd.compare.runner import fragment; print(fragment('opd'))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == tmp_path / "site/oprd/compare/objectives/opd.yaml"
+    assert (ROOT / "configs/opd.yaml").read_text() == Path(found.stdout.strip()).read_text()  # configs/ still works
+
+
+def _refused(tmp_path, match: str, **settings) -> None:
+    """`compare` refuses these settings before its first run, leaving an earlier comparison in --out as it was."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "runs.jsonl").write_text('{"run": "an earlier comparison"}\n')
+    settings = {"configs": [str(ROOT / "configs/tiny.yaml")], "objectives": ["oprd"], "out": out, **settings}
+    with pytest.raises((ValueError, argparse.ArgumentError), match=match):
+        compare(CompareSettings(**settings))
+    assert sorted(p.name for p in out.iterdir()) == ["runs.jsonl"]
+    assert (out / "runs.jsonl").read_text() == '{"run": "an earlier comparison"}\n'
+
+
+def test_a_mistyped_config_or_prompt_source_is_refused_before_out_is_touched(tmp_path):
+    _refused(tmp_path, "tiny.yml", configs=[str(ROOT / "configs/tiny.yml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_wieght: 1.0\n")
+    _refused(tmp_path, "hidden_wieght", objectives=["oprd", str(bad)])
+    _refused(
+        tmp_path, "--final_heldout arithmetic-rephrasd: .*neither a built-in", final_heldout=["arithmetic-rephrasd"]
+    )
+    _refused(tmp_path, "Cannot read prompt file .*nope.jsonl", extra=["--data.val", str(tmp_path / "nope.jsonl")])
+
+
+def test_too_few_held_out_prompts_or_accuracy_without_answers_are_refused_with_what_is_wrong(tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompt": "What is 2 plus 2?", "answer": "4"}\n')
+    too_few = "at least 2 held-out prompts .* and data.val .*one.jsonl holds 1: add prompts to it"
+    _refused(tmp_path, too_few, extra=["--data.val", str(one)])
+    _refused(tmp_path, "and data.max_val_prompts is 1: raise it", extra=["--data.max_val_prompts", "1"])
+    _refused(tmp_path, "and data.num_val is 1: raise it", extra=["--data.num_val", "1"])
+    _refused(tmp_path, "and there are none: add `-- --data.val", extra=["--data.train", str(one)])
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text('{"prompt": "Say hi."}\n{"prompt": "What is 2 plus 2?", "answer": "4"}\n{"prompt": "Hi?"}\n')
+    no_answers = r"--select accuracy needs answers, and none of the 2 selection prompts .*unanswered.jsonl"
+    _refused(tmp_path, no_answers, select="accuracy", extra=["--data.val", str(unanswered)])
+    assert not list((tmp_path / "out").glob("oprd*"))

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -79,3 +80,27 @@ def test_datamodule_batches(tmp_path):
     again.setup("fit")
     assert next(iter(again.train_dataloader()))["prompt"] == batch["prompt"]  # seeded shuffling
     assert [len(b["prompt"]) for b in dm.val_dataloader()] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("seed,num_val", [(0, 100), (3, 100), (0, 250), (7, 1)])
+def test_the_other_sets_ask_pairs_of_their_own_never_the_training_or_held_out_splits(seed, num_val):
+    # A final-only set that re-asked the held-out pairs would not be independent of the rate chosen on them.
+    asked = {
+        split: {_pair(x) for x in arithmetic_examples(split, seed=seed, num_val=num_val)} for split in ("train", "val")
+    }
+    assert len(asked["train"]) + len(asked["val"]) == 400  # every pair of 1..20, each read back from its prompt
+    for source in ("arithmetic-rephrased", "arithmetic-large"):
+        for split in ("val", "train"):
+            items = load_prompts(source, split, seed=seed, num_val=num_val)
+            pairs = {_pair(x) for x in items}
+            assert len(pairs) == len(items) and not pairs & asked["train"] and not pairs & asked["val"]
+            assert all(item["answer"] == str(sum(_pair(item))) for item in items)
+    rephrased = load_prompts("arithmetic-rephrased", "val", seed=seed, num_val=num_val)
+    assert not any(item["prompt"].startswith("What is ") for item in rephrased)  # its own phrasings
+    # The same pairs as the larger sums in the training phrasing: the two sets differ in phrasing alone.
+    assert [_pair(x) for x in rephrased] == [_pair(x) for x in load_prompts("arithmetic-large", "val", seed, num_val)]
+
+
+def _pair(item: dict) -> tuple[int, int]:
+    a, b = re.findall(r"\d+", item["prompt"])
+    return int(a), int(b)

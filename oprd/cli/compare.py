@@ -25,7 +25,7 @@ def compare_parser() -> ArgumentParser:
         "--objectives",
         nargs="+",
         default=["oprd", "opd"],
-        help="Objective fragments: names in configs/ (oprd, opd, opd_topk, mix, ...) or YAML files.",
+        help="Objective fragments: shipped names (oprd, opd, opd_topk, mix) or YAML files.",
     )
     parser.add_argument(
         "--lr",
@@ -55,7 +55,7 @@ def compare_parser() -> ArgumentParser:
         "--final_heldout",
         nargs="+",
         default=[],
-        help="Other prompt sources scored on the final weights (e.g. arithmetic-rephrased).",
+        help="Other prompt sources scored on the final weights (e.g. arithmetic-rephrased arithmetic-large).",
     )
     parser.add_argument("--out", type=str, default="runs/compare", help="Results folder.")
     return parser  # fmt: skip

@@ -124,12 +124,13 @@ def quiet_startup() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def build_cli(args: list[str] | None, parser_kwargs: dict | None = None) -> OprdCLI:
+def build_cli(args: list[str] | None, parser_kwargs: dict | None = None, cli_class: type[OprdCLI] = OprdCLI) -> OprdCLI:
     """The `oprd` LightningCLI. With `parser_kwargs` it has the subcommands and runs one; without, it parses `fit`'s
-    arguments and builds the model, data and Trainer for the caller to run (`cli.trainer.fit(cli.model, ...)`)."""
+    arguments and builds the model, data and Trainer for the caller to run (`cli.trainer.fit(cli.model, ...)`).
+    `cli_class` may build less (`oprd compare` parses every run's settings before the first run)."""
     register_strategies()
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # every config field's docstring in --help
-    return OprdCLI(
+    return cli_class(
         DistillModule,
         PromptDataModule,
         seed_everything_default=0,

@@ -250,11 +250,16 @@ def logger_folders(logger) -> list[str]:
 
 
 def check_writable(folder: str | Path, flag: str) -> None:
-    """The run can create files in `folder` (created if missing): logs, checkpoints and exports go there."""
-    folder = Path(folder)
+    """The run can create files in `folder`: logs, checkpoints and exports go there. Nothing is left behind: a folder
+    that does not exist yet is checked through its nearest existing parent, which must be a folder it can write."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".oprd-write-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".oprd-write-check-"):
             pass
     except OSError as err:
         raise ValueError(

@@ -19,18 +19,15 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     summary = result["summary"]
     chosen = summary["objectives"]
-    title = "oprd compare: held-out test split, each objective at the learning rate chosen on the selection split"
-    if summary["one_shared_learning_rate"]:
-        title = "oprd compare: held-out test split, every objective at one shared learning rate (not tuned)"
     legend = _legend(memory_label(result))
-    table = Table(title=title, caption=f"lr chosen by {summary['select']} on the selection split; " + legend)
+    table = Table(title=_title(summary), caption="\n".join([*_how_set(summary), legend]))
     for column in ["objective", "lr", "steps", *HEADERS.values(), "s/step", "MiB"]:
         table.add_column(column, justify="left" if column == "objective" else "right")
     for objective, entry in chosen.items():
         table.add_row(
             objective,
             _rate(entry["lr"]),
-            str(entry["steps"]),
+            _number(entry["steps"]),
             *(_number(entry["test"].get(m)) for m in METRICS),
             _number(entry["update_s"]),
             _number(entry["update_mib"]),
@@ -60,6 +57,36 @@ def memory_label(result: dict[str, Any]) -> str:
     """What the memory figures of a comparison are (`oprd.training.memory.KINDS`), as measured by its runs."""
     kinds = sorted({run["memory"] for run in result.get("runs", []) if run.get("memory")})
     return " / ".join(kinds) or "update peak (not measured)"
+
+
+def _title(summary: dict[str, Any]) -> str:
+    hows = {entry.get("how", "chosen") for entry in summary["objectives"].values()}
+    if summary["one_shared_learning_rate"]:
+        return "oprd compare: held-out test split, every objective at one shared learning rate (not tuned)"
+    if hows == {"chosen"}:
+        return "oprd compare: held-out test split, each objective at the learning rate chosen on the selection split"
+    return "oprd compare: held-out test split, each objective at the learning rate said below"
+
+
+def _how_set(summary: dict[str, Any]) -> list[str]:
+    """How each objective's learning rate was set: chosen on the selection split (and how a tie was broken), given
+    (one rate, not tuned) or none to report; and which rates diverged."""
+    chosen = summary["objectives"]
+    parts = []
+    for objective, entry in chosen.items():
+        how = entry.get("how", "chosen")
+        if how == "chosen":
+            tried = ", ".join(_rate(lr) for lr in entry["lrs_tried"])
+            part = f"{objective}: lr chosen by {summary['select']} on the selection split of {tried}"
+        elif how == "given":
+            part = f"{objective}: lr given (one rate, not tuned)"
+        else:
+            part = f"{objective}: no rate to report"
+        notes = [entry.get("note")]  # with no rate to report, it says why: which rates diverged
+        if how != "none":
+            notes += [f"{_rate(d['lr'])} diverged at step {d['step']}" for d in entry.get("diverged", [])]
+        parts.append(part + "".join(f" ({note})" for note in notes if note))
+    return parts
 
 
 def _legend(memory: str) -> str:
@@ -107,7 +134,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for ax, (x, y) in zip(axes, panels, strict=False):
         for objective, lr in runs:
             curve = [r for r in rows if r["objective"] == objective and r["lr"] == lr and r.get(y) is not None]
-            best = chosen[objective]["lr"] == lr
+            best = chosen[objective]["lr"] == lr and chosen[objective].get("how") != "none"
             label = f"{objective} lr={_number(lr)}" + (" (chosen)" if best else "")
             ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", markersize=3, label=label,
                     color=colors[objective], linewidth=2 if best else 0.8, alpha=1 if best else 0.4,

@@ -24,15 +24,18 @@ from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger
 
+from oprd.compare import checks
 from oprd.compare.probe import CompareProbe
-from oprd.data import load_prompts
+from oprd.compare.select import Tried, pick_rate
+from oprd.data import heldout_source, load_prompts
 from oprd.evaluation.report import DistillReport
+from oprd.training.guard import NonFiniteError
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = {"reverse_kl", "repetition"}
-FRAGMENTS = Path(__file__).resolve().parents[2] / "configs"
-"""The repository's objective fragments (`opd`, `opd_topk`, `mix`, `oprd`, ...), for a source checkout."""
+FRAGMENTS = Path(__file__).resolve().parent / "objectives"
+"""The objective fragments shipped in the package (`opd`, `opd_topk`, `mix`, `oprd`): an installed `oprd` finds them
+too. The repository's `configs/` links to them, for `oprd fit --config configs/opd.yaml`."""
 
 
 @dataclass
@@ -42,8 +45,8 @@ class CompareSettings:
     configs: list[str]
     """The `fit` config(s) of the pair, data and trainer."""
     objectives: list[str] = field(default_factory=lambda: ["oprd", "opd"])
-    """Objective fragments: names in `configs/` (`oprd`, `opd`, `opd_topk`, `mix`) or YAML paths (named after the
-    file, `benchmarks/objectives/oprd_std.yaml` -> `oprd_std`)."""
+    """Objective fragments: shipped names (`oprd`, `opd`, `opd_topk`, `mix`) or YAML paths (named after the file,
+    `benchmarks/objectives/oprd_std.yaml` -> `oprd_std`)."""
     lrs: dict[str, list[float]] = field(default_factory=dict)
     """Learning rates per objective (`*`: every objective); none given: the config's own."""
     steps: int | None = None
@@ -78,11 +81,26 @@ class CompareSettings:
                 raise ValueError(f"--{name} must be >= 1, got {value}.")
         if self.eval_prompts < 2:
             raise ValueError("--eval_prompts must be >= 2: half pick the learning rate, half report it.")
-        self.fragments = {label(objective): fragment(objective) for objective in self.objectives}
-        self.objectives = list(self.fragments)
+        files = [fragment(objective) for objective in self.objectives]
+        labels = [label(objective) for objective in self.objectives]
+        for name in dict.fromkeys(labels):
+            same = [objective for objective, other in zip(self.objectives, labels, strict=True) if other == name]
+            if len(same) > 1:  # one name would collapse them into one run folder, one table row and one --lr key
+                raise ValueError(
+                    f"--objectives {' and '.join(same)} are all named {name!r} (the name of a run, a table row and "
+                    f"--lr {name}=...): give each objective once, and objectives in different folders different file "
+                    "names."
+                )
+        self.fragments = dict(zip(labels, files, strict=True))
+        self.objectives = labels
         unknown = set(self.lrs) - set(self.objectives) - {"*"}
         if unknown:
             raise ValueError(f"--lr names {sorted(unknown)}, which are not among --objectives {self.objectives}.")
+        for objective in self.objectives:
+            rates = learning_rates(self, objective)
+            twice = sorted({lr for lr in rates if rates.count(lr) > 1})
+            if twice:
+                raise ValueError(f"--lr gives {objective} the rate(s) {twice} more than once: list each rate once.")
 
 
 def label(objective: str) -> str:
@@ -91,11 +109,11 @@ def label(objective: str) -> str:
 
 
 def fragment(objective: str) -> Path:
-    """The YAML file of an objective: a path, or a name in `configs/` (of the working folder or the repository)."""
+    """The YAML file of an objective: a path, a name in the working folder's `configs/`, or a shipped name."""
     for candidate in (Path(objective), Path("configs") / f"{objective}.yaml", FRAGMENTS / f"{objective}.yaml"):
         if candidate.is_file():
             return candidate
-    names = sorted(p.stem for p in FRAGMENTS.glob("*.yaml") if "teacher:" not in p.read_text())
+    names = sorted(p.stem for p in FRAGMENTS.glob("*.yaml"))
     raise ValueError(f"Objective {objective!r} is neither a YAML file nor one of configs/: {', '.join(names)}.")
 
 
@@ -133,7 +151,8 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
 
 def run_isolated(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
     """`run_one` in a fresh process: every run starts from a clean interpreter (nothing of the previous run's models
-    stays in memory), as `oprd fit` would. Returns the probe's rows and summary."""
+    stays in memory), as `oprd fit` would. Returns the probe's rows and summary, and how the run diverged (None when
+    it did not)."""
     # Not a multiprocessing Pool: a Pool whose worker dies (killed for memory, say) waits for its result forever.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
@@ -152,19 +171,21 @@ def _child(settings: CompareSettings, objective: str, lr: float | None) -> tuple
     show_progress_logs()
     quiet_startup()
     del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
-    probe = run_one(settings, objective, lr)
-    return probe.rows, probe.summary()
+    probe, diverged = run_one(settings, objective, lr)
+    return probe.rows, probe.summary(), diverged
 
 
-def run_one(settings: CompareSettings, objective: str, lr: float | None):
-    """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe."""
+def run_one(settings: CompareSettings, objective: str, lr: float | None) -> tuple[CompareProbe, dict | None]:
+    """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe,
+    and `{"step", "why"}` when the run stopped on a non-finite loss or gradient (a result of the comparison: the
+    other rates still run)."""
     from oprd.cli.main import build_cli
 
     cli = build_cli(fit_args(settings, objective, lr))
     cli.datamodule.setup("fit")
     items = cli.datamodule.val_items[: settings.eval_prompts]
-    if len(items) < 2:
-        raise ValueError("oprd compare needs held-out prompts: set data.val (or train on a built-in task).")
+    if len(items) < 2:  # checked before the first run too (`checks.heldout_items`)
+        raise ValueError(checks.too_few_heldout(cli.datamodule.hparams, len(cli.datamodule.val_items)))
     hp = cli.datamodule.hparams
     final = {source: load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)[: settings.eval_prompts]
              for source in settings.final_heldout}  # fmt: skip
@@ -179,30 +200,56 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None):
         name=progress_name(settings, objective, lr),
     )
     cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, DistillReport)] + [probe]
-    cli.trainer.fit(cli.model, cli.datamodule)
+    diverged = None
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    except NonFiniteError as err:
+        diverged = _diverged(err, cli.trainer.default_root_dir)
     if isinstance(cli.trainer.logger, WandbLogger):
         cli.trainer.logger.experiment.finish()
     del cli
     gc.collect()
-    return probe
+    return probe, diverged
+
+
+def _diverged(err: NonFiniteError, root: str) -> dict[str, Any]:
+    """What a comparison records of a run that diverged. The guard's hint to lower the rate and resume does not apply
+    here (the grid is the point), and neither does its last-good checkpoint: compare keeps no checkpoints."""
+    for checkpoint in Path(root).glob(f"nonfinite-step{err.step}-last-good.ckpt"):
+        checkpoint.unlink()
+    log.warning("compare: the run diverged at step %s (%s); going on with the next.", err.step, err.what)
+    return {"step": err.step, "why": err.what}
 
 
 def compare(settings: CompareSettings) -> dict[str, Any]:
     """Every objective at every learning rate; returns the rows, each run's cost, and the choice per objective."""
+    check(settings)
     rows, runs = [], []
     settings.out.mkdir(parents=True, exist_ok=True)
     progress = settings.out / "runs.jsonl"  # each finished run at once: a long comparison stopped half-way keeps them
+    checks.keep_earlier_progress(progress)
     progress.write_text("")
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
             log.info("compare: %s", progress_name(settings, objective, lr))
-            probe_rows, summary = run_isolated(settings, objective, lr)
+            probe_rows, summary, diverged = run_isolated(settings, objective, lr)
             rows += [{"objective": objective, "lr": lr, **row} for row in probe_rows]
-            runs.append({"objective": objective, "lr": lr, **summary})
-            record = {"run": runs[-1], "rows": rows[-len(probe_rows) :]}
+            runs.append({"objective": objective, "lr": lr, **summary, "diverged": diverged})
+            record = {"run": runs[-1], "rows": rows[len(rows) - len(probe_rows) :]}
             with progress.open("a") as file:
                 file.write(json.dumps(record, default=str) + "\n")
     return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
+
+
+def check(settings: CompareSettings) -> None:
+    """Every run's settings parse and pass `fit`'s checks, and its held-out and `--final_heldout` prompts load, before
+    the first run and before anything is written to `--out` (`oprd.compare.checks`)."""
+    for objective in settings.objectives:
+        for lr in learning_rates(settings, objective):
+            data = checks.parse_fit(fit_args(settings, objective, lr)).data.as_dict()
+        items = checks.heldout_items(data, settings.eval_prompts)
+        checks.check_answers(items[0::2], settings.select, heldout_source(data["train"], data["val"]))
+        checks.check_final_heldout(settings.final_heldout, data)
 
 
 def final_rows(rows: list[dict], objective: str, lr: float | None) -> dict[str, dict]:
@@ -212,23 +259,30 @@ def final_rows(rows: list[dict], objective: str, lr: float | None) -> dict[str, 
 
 
 def choose(rows: list[dict], runs: list[dict], settings: CompareSettings) -> dict[str, Any]:
-    """Per objective: the learning rate whose final `select` metric on the selection split is best, and what that
-    run scored on the test split (and the final-only sets), its cost, and every rate tried."""
-    sign = 1 if settings.select in LOWER_IS_BETTER else -1
+    """Per objective: the learning rate whose final `select` metric on the selection split is best (see
+    `oprd.compare.select`), what that run scored on the test split (and the final-only sets), its cost, every rate
+    tried and those that diverged."""
     chosen = {}
     for objective in settings.objectives:
         tried = [run for run in runs if run["objective"] == objective]
-        scores = [final_rows(rows, objective, run["lr"])["selection"].get(settings.select) for run in tried]
-        best = min(zip(scores, tried, strict=True), key=lambda s: sign * s[0] if s[0] is not None else float("inf"))[1]
-        finals = final_rows(rows, objective, best["lr"])
+        selection = [final_rows(rows, objective, run["lr"]).get("selection", {}) for run in tried]
+        pick = pick_rate(
+            [Tried(run["lr"], scores, run.get("diverged")) for run, scores in zip(tried, selection, strict=True)],
+            settings.select,
+        )
+        best = next((run for run in tried if run["lr"] == pick.lr), {}) if pick.how != "none" else {}
+        finals = final_rows(rows, objective, pick.lr) if best else {}
         chosen[objective] = {
-            "lr": best["lr"],
+            "lr": pick.lr,
+            "how": pick.how,
+            "note": pick.note,
             "lrs_tried": [run["lr"] for run in tried],
-            "steps": finals["test"]["step"],
-            "test": finals["test"],
-            "selection": finals["selection"],
+            "diverged": [{"lr": run["lr"], **run["diverged"]} for run in tried if run.get("diverged")],
+            "steps": finals.get("test", {}).get("step"),
+            "test": finals.get("test", {}),
+            "selection": finals.get("selection", {}),
             "final_only": {split: finals[split] for split in settings.final_heldout if split in finals},
-            **{k: best[k] for k in ("update_s", "update_mib", "train_s")},
+            **{k: best.get(k) for k in ("update_s", "update_mib", "train_s")},
         }
     shared = {lr for objective in settings.objectives for lr in learning_rates(settings, objective)}
     return {

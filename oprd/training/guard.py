@@ -43,6 +43,21 @@ def describe_term(name: str) -> str:
     return f"the {name} term"
 
 
+class NonFiniteError(FloatingPointError):
+    """A run stopped on a non-finite loss or gradient. The message is for a user of `fit`; `step` and `what` are for a
+    caller that records the run as diverged and goes on (`oprd compare`, where resuming does not apply).
+
+    Args:
+        message: what happened, what was saved and what to do.
+        step: the optimizer step that failed.
+        what: the term or parameter that is not finite.
+    """
+
+    def __init__(self, message: str, step: int | None = None, what: str | None = None) -> None:
+        super().__init__(message)
+        self.step, self.what = step, what
+
+
 class NonFiniteGuard:
     """What a run does when a loss or gradient is NaN or infinite.
 
@@ -124,9 +139,11 @@ class NonFiniteGuard:
         saved = "the last weights whose loss and gradients were finite"
         if weights_broken and self.keep_last_good:
             if self._good is None:
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"{why}. No step had a finite loss and gradient yet, so nothing was saved: check the models and "
-                    "data, or lower the learning rate."
+                    "data, or lower the learning rate.",
+                    step,
+                    what,
                 )
             with torch.no_grad():
                 for param, copy in self._good:
@@ -135,9 +152,11 @@ class NonFiniteGuard:
             saved = "the current weights (already changed by the update that broke the loss: keep_last_good is off)"
         path = Path(trainer.default_root_dir) / f"nonfinite-step{step}-last-good.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{why}. Saved {saved} to {path}. Lower the learning rate (--model.optim.lr) and resume from it with "
-            "--ckpt_path, or set `model.nonfinite: skip` to skip such steps."
+            "--ckpt_path, or set `model.nonfinite: skip` to skip such steps.",
+            step,
+            what,
         )
 
 

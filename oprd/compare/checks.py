@@ -1,0 +1,127 @@
+"""What `oprd compare` checks before its first run and before it writes to `--out`.
+
+A comparison runs for hours: a mistyped config, objective or prompt source must fail in seconds, not after the first
+runs, and never after the results of an earlier comparison in the same folder were overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+from oprd.data import heldout_source, load_prompts
+
+log = logging.getLogger(__name__)
+
+NO_ANSWERS = (
+    "--select accuracy needs answers, and none of the {total} selection prompts (every other held-out prompt of "
+    '{source}) has one: add "answer" to them, or choose by --select reverse_kl.'
+)
+
+
+def parse_fit(args: list[str]) -> Namespace:
+    """The settings one run's `fit` would get from `args`, parsed and checked like `fit` checks them (config files,
+    keys, types, prompt sources), without loading a model or writing a file."""
+    from oprd.cli import preflight
+    from oprd.cli.main import OprdCLI, build_cli
+
+    class ParseOnly(OprdCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    with warnings.catch_warnings():  # sys.argv holds `oprd compare`'s command line; this run's is `args`, as meant
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        config = build_cli(args, cli_class=ParseOnly).config
+    checked = config.clone()
+    # `fit` checks that its output folder can be written by creating it; here that folder is inside --out, which must
+    # stay untouched until every check has passed: check the folder it would be created in instead.
+    checked.trainer.default_root_dir = str(existing_parent(Path(config.trainer.default_root_dir)))
+    preflight.check_config("fit", checked)
+    return config
+
+
+def existing_parent(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent folder."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def heldout_items(data: dict[str, Any], eval_prompts: int) -> list[dict[str, Any]]:
+    """The held-out prompts a comparison scores (as `run_one` takes them), refusing fewer than two.
+
+    Args:
+        data: the run's `data` settings (`PromptDataModule`'s arguments).
+        eval_prompts: at most this many (`--eval_prompts`).
+    """
+    source = heldout_source(data["train"], data["val"])
+    loaded = [] if source is None else load_prompts(source, "val", seed=data["seed"], num_val=data["num_val"])
+    items = loaded[: data["max_val_prompts"]][:eval_prompts]
+    if len(items) < 2:
+        raise ValueError(too_few_heldout(data, len(loaded)))
+    return items
+
+
+def too_few_heldout(data: dict[str, Any], count: int) -> str:
+    """Why a comparison has fewer than two held-out prompts (`count` were loaded), and what to change."""
+    if heldout_source(data["train"], data["val"]) is None:
+        why = 'there are none: add `-- --data.val prompts.jsonl` (one {"prompt": ..., "answer": ...} per line)'
+    elif data["max_val_prompts"] is not None and data["max_val_prompts"] < 2:
+        why = f"data.max_val_prompts is {data['max_val_prompts']}: raise it"
+    elif data["val"] is None:  # the held-out split of a built-in task
+        why = f"data.num_val is {data['num_val']}: raise it"
+    else:
+        why = f"data.val {data['val']} holds {count}: add prompts to it"
+    return (
+        "oprd compare needs at least 2 held-out prompts (half choose each objective's learning rate, half report it), "
+        f"and {why}."
+    )
+
+
+def check_answers(selection: list[dict[str, Any]], select: str, source: str) -> None:
+    """`--select accuracy` is refused when no selection prompt has an answer: no run would score an accuracy, and the
+    choice would fall to the first rate listed. (Accuracy is a mean over the answered prompts.)"""
+    if select == "accuracy" and all(item.get("answer") is None for item in selection):
+        raise ValueError(NO_ANSWERS.format(total=len(selection), source=source))
+
+
+def check_final_heldout(sources: list[str], data: dict[str, Any]) -> None:
+    """Every `--final_heldout` source loads (a typo there would otherwise fail after the first run trained)."""
+    for source in sources:
+        try:
+            load_prompts(source, "val", seed=data["seed"], num_val=data["num_val"])
+        except ValueError as err:
+            raise ValueError(f"--final_heldout {source}: {err}") from err
+
+
+def keep_earlier_progress(path: Path) -> Path | None:
+    """Move an earlier comparison's `runs.jsonl` aside (renamed after its time of writing, never deleted), so that a
+    new comparison in the same `--out` does not truncate it.
+
+    Returns:
+        where the earlier file now is, or None when there was none (or it was empty).
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"{path.stem}-earlier-{stamp}{path.suffix}")
+    for n in range(1, 1000):
+        if not kept.exists():
+            break
+        kept = path.with_name(f"{path.stem}-earlier-{stamp}-{n}{path.suffix}")
+    shutil.move(path, kept)
+    log.warning("compare: an earlier comparison's %s is kept as %s.", path.name, kept.name)
+    return kept
