@@ -224,7 +224,7 @@ def check_state_shapes(
         )
 
 
-def _count_steps_from_global_step(checkpoint: dict[str, Any]) -> None:
+def _log_resumed_steps_at_their_global_step(checkpoint: dict[str, Any]) -> None:
     """Make a checkpoint written inside a step (the non-finite guard's) resume its logged step count at its global step.
 
     Lightning adds one to the saved logging-step count on resume, because it saves at the end of a step, before
@@ -311,7 +311,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
         self._saved_step = trainer.global_step
-        _count_steps_from_global_step(checkpoint)
+        _log_resumed_steps_at_their_global_step(checkpoint)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -392,7 +392,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         path = self.format_checkpoint_name(metrics, filename=self.CHECKPOINT_NAME_LAST)
         self._take_over_last(trainer, path)
         trainer.save_checkpoint(path, weights_only=self.save_weights_only)
-        self.last_model_path = path
+        self.last_model_path, self._saved_step = path, trainer.global_step  # no callback hook runs for weights only
         return path
 
     def _save_last_checkpoint(self, trainer, monitor_candidates: dict[str, Any]) -> None:
