@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,36 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), start, None)
 
 
+def check_position(state: dict[str, int], batch_size: int, ranks: int | None, flag: str = "--ckpt_path") -> None:
+    """A saved data position counts batches of one batch size on one number of ranks: refuse a resume mid-epoch
+    with other ones.
+
+    Another batch size would start the resumed epoch at another prompt (3 steps at batch 4, then batch 8, start at
+    prompt 24: prompts 12-23 are never seen), and another rank count shards the epoch differently.
+
+    Args:
+        ranks: the run's process count, or None when not known yet (checked again when the loader restores).
+
+    Raises:
+        ValueError: naming the saved and the given value and the fix.
+    """
+    if not state.get("batches"):
+        return  # at the start of an epoch: nothing to skip
+    saved_batch, saved_ranks = state.get("batch_size"), state.get("ranks")  # absent from older checkpoints
+    if saved_batch is not None and saved_batch != batch_size:
+        raise ValueError(
+            f"{flag} stopped {state['batches']} batches into an epoch at data.batch_size {saved_batch}, but this run "
+            f"sets {batch_size}: its place in the epoch counts batches of {saved_batch}, so prompts would be skipped. "
+            f"Resume with --data.batch_size {saved_batch}."
+        )
+    if ranks is not None and saved_ranks is not None and saved_ranks != ranks:
+        raise ValueError(
+            f"{flag} stopped mid-epoch on {saved_ranks} processes (devices x nodes), but this run has {ranks}: each "
+            "process reads its own share of the epoch, so prompts would be skipped or repeated. Resume with "
+            f"{saved_ranks} processes (--trainer.devices, --trainer.num_nodes)."
+        )
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader that knows how many batches of the epoch it has handed out, and can continue from there.
 
@@ -265,9 +296,12 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._served}
+        # The batch size and rank count say what a batch is: the position means nothing under others.
+        replicas = self.sampler.num_replicas
+        return {"epoch": self.sampler.epoch, "batches": self._served, "batch_size": self.batch_size, "ranks": replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        check_position(state, self.batch_size, self.sampler.num_replicas)
         epoch, batches = state["epoch"], state["batches"]
         if batches >= len(self):  # saved after the epoch's last batch: the next epoch starts at its beginning
             epoch, batches = epoch + 1, 0
@@ -311,6 +345,12 @@ class PromptDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_items: list[dict[str, Any]] = []
         self.val_items: list[dict[str, Any]] = []
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """The settings loggers record, under `data`: Lightning merges them with the model's into one dict and refuses
+        a key both have with different values, and both have a `seed` (`--model.seed 5` would stop every run)."""
+        return AttributeDict(data={k: v for k, v in super().hparams_initial.items() if not k.startswith("_")})
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

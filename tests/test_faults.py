@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from oprd.cli import main
-from oprd.data import PromptDataModule
+from oprd.data import PromptDataModule, ResumableLoader, ResumableSampler
 from oprd.models import ModelSpec, load_tokenizer, tiny_tokenizer
 from oprd.module import DistillModule
 from oprd.training.checkpoint import check_state_shapes
@@ -107,7 +107,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, start):
     assert saved <= step < MAX_STEPS, "the run must be killed mid-way to test a resume"
     assert {"optimizer_states", "lr_schedulers", "rng_states"} <= set(checkpoint)
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"student", "objective"}
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": step}]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "batches": step, "batch_size": 4, "ranks": 1}
+    ]
 
     resume = fit_command(tmp_path / "run", *every_step, "--trainer.logger.init_args.version", "resumed")
     resumed = subprocess.run(
@@ -136,7 +138,9 @@ def test_signal_saves_a_checkpoint_at_the_end_of_the_step_and_exits(tmp_path, st
     assert f"{name}: saved a checkpoint at step {step} " in output, output[-3000:]
     assert 1 <= step < 1000
     # Saved between two steps: the data position is exactly the number of optimizer steps taken.
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": step}]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "batches": step, "batch_size": 4, "ranks": 1}
+    ]
     # Every step that made it into the checkpoint has its loss logged, the last one included.
     assert sorted(train_losses(next(tmp_path.glob("**/metrics.csv")))) == list(range(step))
 
@@ -150,13 +154,33 @@ def test_the_train_loader_continues_an_epoch_where_the_checkpoint_left_it():
     batches = iter(loader)
     for _ in range(5):
         next(batches)
-    assert loader.state_dict() == {"epoch": 1, "batches": 5}
+    assert loader.state_dict() == {"epoch": 1, "batches": 5, "batch_size": 4, "ranks": 1}
     resumed = data.train_dataloader()  # what a new process builds
     resumed.load_state_dict(loader.state_dict())
     assert [batch["prompt"] for batch in resumed] == epoch[5:]
-    assert resumed.state_dict() == {"epoch": 1, "batches": len(epoch)}
+    assert resumed.state_dict() == {"epoch": 1, "batches": len(epoch), "batch_size": 4, "ranks": 1}
     resumed.load_state_dict(resumed.state_dict())  # saved after the last batch: the next epoch, from its start
     assert resumed.sampler.epoch == 2 and len(list(resumed)) == len(epoch)
+
+
+def test_the_train_loader_refuses_a_position_counted_in_other_batches():
+    data = PromptDataModule(batch_size=4, seed=3)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    wider = PromptDataModule(batch_size=8, seed=3)
+    wider.setup("fit")
+    # 3 batches of 4 are prompts 0-11; counted in batches of 8 they would end at prompt 23, and 12-23 be skipped.
+    with pytest.raises(ValueError, match="stopped 3 batches into an epoch at data.batch_size 4, but this run sets 8"):
+        wider.train_dataloader().load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="stopped mid-epoch on 1 processes .* but this run has 2"):
+        sharded = ResumableLoader(data.train_items, batch_size=4, sampler=ResumableSampler(data.train_items, 3, 2))
+        sharded.load_state_dict(loader.state_dict())
+    at_the_start = wider.train_dataloader()
+    at_the_start.load_state_dict({**loader.state_dict(), "batches": 0})  # nothing to skip: any batch size will do
+    assert len(list(at_the_start)) == len(at_the_start)
 
 
 CRASH_MID_WRITE = """

@@ -102,8 +102,10 @@ def test_a_diverged_run_saves_weights_that_evaluate_and_resume(tmp_path, capsys)
     (row,) = logged(tmp_path / "eval", "validate")
     assert all(math.isfinite(float(row[k])) for k in ("val/reverse_kl", "val/hidden"))
     fit(tmp_path / "resumed", "--ckpt_path", str(saved), "--trainer.max_steps", "4", "--model.optim.lr", "1e-3")
-    losses = [float(r["train/loss"]) for r in logged(tmp_path / "resumed", "fit") if r.get("train/loss")]
-    assert losses and all(math.isfinite(v) for v in losses)
+    rows = [r for r in logged(tmp_path / "resumed", "fit") if r.get("train/loss")]
+    assert rows and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    step = torch.load(saved, map_location="cpu", weights_only=True)["global_step"]
+    assert [int(r["step"]) for r in rows] == list(range(step, 4))  # logged at the steps they are
 
 
 def test_skipping_stops_when_every_step_is_broken(tmp_path, capsys):
@@ -141,3 +143,103 @@ def test_evaluation_without_held_out_prompts_is_an_error(command, tmp_path, caps
         run(command, tmp_path, "--data.train", str(prompts))
     assert exit_info.value.code == 2
     assert f"oprd {command} answers held-out prompts, and there are none: set --data.val" in capsys.readouterr().err
+
+
+# ---- `--ckpt_path last` is a path like any other; a new run never loses an earlier one's checkpoint
+
+
+def copy_of(checkpoint: Path, root: Path) -> Path:
+    """`checkpoint` as `root`'s `last.ckpt`, where `--ckpt_path last` looks."""
+    (root / "checkpoints").mkdir(parents=True)
+    last = root / "checkpoints/last.ckpt"
+    last.write_bytes(checkpoint.read_bytes())
+    return last
+
+
+def refused(capsys, command: str, root: Path, *flags: str) -> str:
+    """The one-line error of `oprd <command>` (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(command, root, *flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"oprd {command}: error: ") and err.count("error:") == 1
+    return err
+
+
+def test_resuming_last_checks_what_the_checkpoint_fixes(trained, tmp_path, capsys, no_weight_loading):
+    last = copy_of(trained, tmp_path)
+    for ckpt_path in (str(last), "last"):  # the same check, by path and by Lightning's name
+        err = refused(capsys, "fit", tmp_path, "--ckpt_path", ckpt_path, "--model.teacher.seed", "5")
+        assert f"--ckpt_path {last} was trained with model.teacher = " in err
+    last.write_bytes(trained.read_bytes()[:1000])  # cut short
+    err = refused(capsys, "fit", tmp_path, "--ckpt_path", "last")
+    assert f"--ckpt_path {last} is not a readable checkpoint (1000 bytes" in err
+
+
+def test_last_with_no_earlier_run_starts_from_step_0_and_says_so(tmp_path, capsys):
+    err = refused(capsys, "validate", tmp_path, "--ckpt_path", "last")  # nothing to evaluate: an error
+    assert f"--ckpt_path last: there is no last.ckpt in {tmp_path / 'checkpoints'} to validate" in err
+    fit(tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "1")  # a job script's first run: a fresh start
+    assert (
+        f"oprd: --ckpt_path last: no last.ckpt in {tmp_path / 'checkpoints'} yet, so this run starts from step 0.\n"
+        in capsys.readouterr().err
+    )
+    assert [row["step"] for row in logged(tmp_path, "fit")] == ["0"]
+
+
+def test_best_is_refused_before_any_model_loads(tmp_path, capsys, no_weight_loading):
+    err = refused(capsys, "validate", tmp_path, "--ckpt_path", "best")
+    assert "--ckpt_path best: only the `oprd fit` that saved a best checkpoint knows which one it is" in err
+    assert f"--ckpt_path {tmp_path / 'checkpoints'}/last.ckpt" in err
+
+
+def test_a_resume_keeps_the_data_order_of_its_checkpoint(trained, tmp_path, capsys, no_weight_loading):
+    copy_of(trained, tmp_path)  # 3 steps into the first epoch, at batch size 4
+    err = refused(capsys, "fit", tmp_path, "--ckpt_path", "last", "--data.batch_size", "8")
+    assert "stopped 3 batches into an epoch at data.batch_size 4, but this run sets 8" in err
+    assert "Resume with --data.batch_size 4." in err
+    err = refused(capsys, "fit", tmp_path, "--ckpt_path", "last", "--data.seed", "5")
+    assert "was trained with data.seed = 0, but this run sets 5" in err
+
+
+def test_model_and_data_seeds_of_their_own_are_logged(tmp_path):
+    fit(tmp_path, "--trainer.max_steps", "1", "--model.seed", "5", "--data.seed", "3")
+    hparams = (tmp_path / "fit/hparams.yaml").read_text()
+    assert "\nseed: 5\n" in hparams and "\n  seed: 3\n" in hparams  # the data's under `data:`
+
+
+def test_a_run_that_fails_before_its_first_save_leaves_the_earlier_last_ckpt(tmp_path, capsys):
+    fit(tmp_path, "--trainer.max_steps", "2")
+    huge = ("--model.optim.lr", "1e3", "--model.optim.projector_lr", "1e3", "--model.optim.warmup_steps", "0")
+    with pytest.raises(SystemExit):
+        fit(tmp_path, "--trainer.max_steps", "8", *huge)  # diverges before its first periodic save
+    assert "is not finite" in capsys.readouterr().err
+    folder = tmp_path / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not list(folder.glob("earlier-run-*.ckpt"))
+
+
+def test_extending_a_finished_run_continues_its_epoch(trained, tmp_path):
+    constant = ("--model.optim.schedule", "constant", "--model.optim.warmup_steps", "0")
+    copy_of(trained, tmp_path / "extended")
+    fit(tmp_path / "extended", "--trainer.max_steps", "6", "--ckpt_path", "last", *constant)
+    fit(tmp_path / "whole", "--trainer.max_steps", "6", *constant)
+    extended = {r["step"]: (r["epoch"], r["train/loss"]) for r in logged(tmp_path / "extended", "fit")}
+    whole = {r["step"]: (r["epoch"], r["train/loss"]) for r in logged(tmp_path / "whole", "fit")}
+    assert list(extended) == ["3", "4", "5"]
+    assert extended == {step: whole[step] for step in extended}  # same epoch, same prompts, same losses
+
+
+def test_max_steps_0_is_refused_and_touches_nothing(trained, tmp_path, capsys, no_weight_loading):
+    last = copy_of(trained, tmp_path)
+    err = refused(capsys, "fit", tmp_path, "--trainer.max_steps", "0")
+    assert "--trainer.max_steps 0 trains no step and saves nothing" in err
+    assert last.read_bytes() == trained.read_bytes() and not list(last.parent.glob("earlier-run-*"))
+
+
+def test_a_run_that_saves_no_checkpoint_says_so(tmp_path, capsys):
+    fit(tmp_path, "--trainer.max_steps", "1", "--checkpoint.save_last", "false")
+    assert "oprd: --checkpoint.save_last false with --checkpoint.save_top_k 0: this run saves no checkpoint" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "checkpoints").exists()

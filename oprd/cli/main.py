@@ -13,7 +13,7 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from oprd.cli import arguments, errors, preflight
+from oprd.cli import arguments, errors, preflight, resume
 from oprd.cli.compare import compare_main
 from oprd.cli.links import calibrate_on_training_prompts
 from oprd.data import PromptDataModule
@@ -22,7 +22,7 @@ from oprd.export import DESCRIPTION as EXPORT_DESCRIPTION
 from oprd.export import export_main
 from oprd.module import DistillModule
 from oprd.parallel.sharding import register_strategies
-from oprd.training.checkpoint import ResumableCheckpoint
+from oprd.training.checkpoint import ResumableCheckpoint, load_checkpoint
 
 log = logging.getLogger("oprd")
 EPILOG = (
@@ -62,7 +62,10 @@ class OprdCLI(LightningCLI):
         if subcommand is not None:
             # LightningCLI next writes a checkpoint's saved settings over these; keep what this run was given.
             self.given_model = self.config[subcommand].model.clone()
-            preflight.check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+            # `last` becomes the file it names before Lightning reads it, so it is checked as a path is.
+            config = self.config[subcommand]
+            config.ckpt_path = resume.resolve_ckpt_path(subcommand, config)
+            preflight.check_ckpt_path(config.ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.subcommand or "fit"  # no subcommand: built to be run by the caller (`oprd compare`)
@@ -74,24 +77,20 @@ class OprdCLI(LightningCLI):
             config.model = self.given_model
             for key in taken:
                 config.model[key] = saved[key]
+            if subcommand == "fit":
+                resume.check_resumed_data(load_checkpoint(ckpt_path), config.data.as_dict(), ckpt_path)
         preflight.check_config(subcommand, config)
         calibrate_on_training_prompts(config)
+        if self.subcommand == "fit":  # not `oprd compare`'s runs, which save no checkpoint on purpose
+            resume.check_fit_settings(config)
         root = config.trainer.default_root_dir or os.getcwd()
         # One folder for every run's checkpoints, so `--ckpt_path last` finds the previous run's `last.ckpt`
         # (Lightning's default is the logger's version folder, which changes on every run).
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        config.checkpoint.dirpath = resume.checkpoint_dir(config)
         if self.subcommand == "predict":
             writer = {"path": str(output_path(root, config.data.train, config.data.val))}
             callback = Namespace(class_path="oprd.evaluation.predictions.JSONLWriter", init_args=Namespace(writer))
             config.trainer.callbacks = [*(config.trainer.callbacks or []), callback]
-
-    def before_fit(self) -> None:
-        # Everything is checked and built: a fresh run takes `last.ckpt` over from an earlier one in the same folder.
-        if self.config.fit.get("ckpt_path") is None:
-            kept = preflight.keep_earlier_run(self.config.fit.checkpoint.dirpath)
-            if kept is not None:
-                log.warning("An earlier run's last.ckpt is kept as %s; this run writes last.ckpt.", kept)
 
 
 class _StderrHandler(logging.StreamHandler):

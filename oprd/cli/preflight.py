@@ -10,9 +10,7 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -266,25 +264,3 @@ def check_writable(folder: str | Path, flag: str) -> None:
             f"{flag} {folder} cannot be written ({err.strerror}): checkpoints and logs go there. Choose a folder you "
             f"can write, e.g. {flag} runs/my-run."
         ) from err
-
-
-def keep_earlier_run(checkpoint_dir: str | Path) -> Path | None:
-    """Before a fresh `fit` (no `--ckpt_path`), move an earlier run's `last.ckpt` in the same folder aside.
-
-    Otherwise Lightning writes this run's as `last-v1.ckpt` and leaves `last.ckpt` at the old run, so anyone
-    validating `last.ckpt` scores the wrong run. The earlier one is renamed (never deleted) after its time of writing.
-
-    Returns:
-        where the earlier `last.ckpt` now is, or None when there was none.
-    """
-    last = Path(checkpoint_dir) / "last.ckpt"
-    if not last.is_file():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(last.stat().st_mtime))
-    kept = last.with_name(f"earlier-run-{stamp}.ckpt")
-    for n in range(1, 1000):
-        if not kept.exists():
-            break
-        kept = last.with_name(f"earlier-run-{stamp}-{n}.ckpt")
-    shutil.move(last, kept)
-    return kept

@@ -2,8 +2,9 @@
 
 * `AtomicCheckpointIO` writes every checkpoint atomically: a crash mid-write leaves the previous `last.ckpt` intact.
 * `ResumableCheckpoint` is the `ModelCheckpoint` that `oprd fit` always adds (`--checkpoint.*` flags, a `checkpoint:`
-  YAML section). It stores the RNG states, saves at the end of the current step on SIGTERM or Ctrl-C, and saves the
-  final step.
+  YAML section). It stores the RNG states, saves at the end of the current step on SIGTERM or Ctrl-C, saves the
+  final step (mid-epoch, so a longer run continues the epoch), and keeps an earlier run's `last.ckpt` when it writes
+  its own.
 * `check_state_shapes` turns a checkpoint from another model width into an error that names the shapes.
 
 The rest of the state that an exact resume needs is saved by Lightning itself: student and projector weights
@@ -13,10 +14,13 @@ The rest of the state that an exact resume needs is saved by Lightning itself: s
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import shutil
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +34,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+log = logging.getLogger(__name__)
 
 # ---- atomic writes ------------------------------------------------------------------------------------------------
 
@@ -80,6 +86,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_save(checkpoint, path)
+
+
+def keep_aside(last: str | Path) -> Path:
+    """Give an earlier run's `last.ckpt` a name of its own, `earlier-run-<time of writing>.ckpt`, next to it.
+
+    A hard link: `last.ckpt` stays in place until the caller replaces it atomically, so no moment and no crash leaves
+    the folder without the earlier run's checkpoint (a copy where the file system has no hard links).
+
+    Returns:
+        the earlier run's checkpoint under its new name.
+    """
+    last = Path(last)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(last.stat().st_mtime))
+    kept = last.with_name(f"earlier-run-{stamp}.ckpt")
+    for n in range(1, 1000):
+        if not kept.exists():
+            break
+        kept = last.with_name(f"earlier-run-{stamp}-{n}.ckpt")
+    try:
+        os.link(last, kept)
+    except OSError:
+        shutil.copy2(last, kept)
+    return kept
 
 
 # ---- RNG states ---------------------------------------------------------------------------------------------------
@@ -195,6 +224,19 @@ def check_state_shapes(
         )
 
 
+def _log_resumed_steps_at_their_global_step(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written inside a step (the non-finite guard's) resume its logged step count at its global step.
+
+    Lightning adds one to the saved logging-step count on resume, because it saves at the end of a step, before
+    counting that step. A save inside a step comes after the count of the step before: without this, every step the
+    resumed run logs would be one too high.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress, state = loop.get("epoch_loop.batch_progress"), loop.get("epoch_loop.state_dict")
+    if progress and state and progress["total"]["started"] == progress["total"]["processed"] + 1:
+        state["_batches_that_stepped"] -= 1
+
+
 # ---- the callback -------------------------------------------------------------------------------------------------
 
 
@@ -205,7 +247,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     the run exits (code 143 for SIGTERM, 1 for Ctrl-C); a second Ctrl-C aborts at once without saving. Saving at a
     step boundary is what makes the resumed run identical: a checkpoint taken mid-step would mix two steps' states.
     `oprd fit` puts every run's checkpoints in `<trainer.default_root_dir>/checkpoints`, so `--ckpt_path last` finds
-    the previous run's `last.ckpt`.
+    the previous run's `last.ckpt`. A run that did not start from that file keeps it as `earlier-run-<time>.ckpt`
+    when it first writes its own `last.ckpt` (not before: a run that fails before its first save leaves it in place).
 
     Args:
         dirpath: checkpoint folder (`oprd fit` default: `<trainer.default_root_dir>/checkpoints`).
@@ -255,11 +298,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._sigint_installed = False
         self._previous_sigint: Any = None
         self._rng_to_restore: Mapping[str, Any] | None = None
+        self._owns_last = False  # whether this run has written `last.ckpt` (after keeping an earlier run's aside)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._stopping = self._interrupt = False
+            self._stopping = self._interrupt = self._owns_last = False
             self._install_ctrl_c()
 
     # -- RNG states: part of every checkpoint, restored just before the first resumed step
@@ -267,6 +311,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
         self._saved_step = trainer.global_step
+        _log_resumed_steps_at_their_global_step(checkpoint)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -286,6 +331,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
         if not self._stepped:
             return  # mid gradient accumulation: the accumulated gradients are not part of a checkpoint
+        at_the_end = 0 <= trainer.max_steps <= trainer.global_step and not trainer.fast_dev_run
+        if self.save_last and at_the_end and self._saved_step != trainer.global_step:
+            # The final step is saved here, at the end of its step like any other, not at the end of training: by then
+            # Lightning counts the epoch as finished, and a run extended to more steps would start the next epoch.
+            self._save_last(trainer)
         signalled = self._ctrl_c or trainer.received_sigterm
         # Every rank must take part in a save (it is collective), so they agree on whether any rank was signalled.
         if not trainer.strategy.reduce_boolean_decision(signalled, all=False):
@@ -340,9 +390,30 @@ class ResumableCheckpoint(ModelCheckpoint):
         """Write `last.ckpt` (the `last` name pattern, filled in) through the Trainer, and remember it."""
         metrics = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
         path = self.format_checkpoint_name(metrics, filename=self.CHECKPOINT_NAME_LAST)
+        self._take_over_last(trainer, path)
         trainer.save_checkpoint(path, weights_only=self.save_weights_only)
-        self.last_model_path = path
+        self.last_model_path, self._saved_step = path, trainer.global_step  # no callback hook runs for weights only
         return path
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.save_last:
+            self._take_over_last(trainer, self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST))
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _take_over_last(self, trainer, path: str) -> None:
+        """Before this run's first write of `path` (`last.ckpt`): keep a file there that another run wrote.
+
+        The checkpoint this run resumed from is continued, not kept. Lightning would write `last-v1.ckpt` next to an
+        earlier `last.ckpt` instead, and anyone validating `last.ckpt` would score the wrong run.
+        """
+        if self._owns_last:
+            return
+        self._owns_last = True
+        self.last_model_path = path  # this run's from now on: Lightning neither versions nor removes it
+        resumed = trainer.ckpt_path is not None and os.path.abspath(trainer.ckpt_path) == os.path.abspath(path)
+        local = isinstance(get_filesystem(path), LocalFileSystem)
+        if trainer.is_global_zero and local and not resumed and os.path.isfile(path):
+            log.warning("An earlier run's last.ckpt is kept as %s; this run writes last.ckpt.", keep_aside(path))
 
     def _save_current(self, trainer, reason: str) -> None:
         # Without `last` (save_last false) nothing else would resume, so the signal writes `last.ckpt` anyway.
