@@ -134,6 +134,9 @@ class DistillModule(L.LightningModule):
             args["teacher"], args["student"], configs, placement, engine, max_prompt_length, truncate_prompts
         )
         self.student = self.pair.student
+        # Projectors are float32 (bf16/fp16 states are compared in float32) unless the student is float64: then the
+        # whole step stays float64, so two orders of the same computation can be compared far below float32 round-off.
+        self.objective.projectors.to(torch.promote_types(next(self.student.parameters()).dtype, torch.float32))
         # What the loss cannot reach gets no gradient: frozen, so DDP finds no unused parameters.
         points, layers = self.objective.points("student"), self.pair.layers_paths["student"]
         self.frozen = freeze_unreached(self.student, points, layers, self.objective.needs_head)

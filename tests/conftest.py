@@ -18,8 +18,40 @@ from oprd.training.optim import OptimConfig
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Honour OMP_NUM_THREADS (the suite must pass under any thread count); otherwise two, as tiny tensors gain nothing
+# from more threads on a many-core machine.
+_THREADS = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(_THREADS) if _THREADS.isdigit() and int(_THREADS) > 0 else 2)
 TEACHER, STUDENT = TINY_TEACHER, TINY_STUDENT
+
+# Two orders of the same computation (data-parallel ranks vs one process, accumulated micro-batches vs one batch) are
+# compared in float64, models, projectors and losses alike. In float32 the order decides, not the code: AdamW's first
+# step is nearly sign(g) (m / (sqrt(v) + eps), eps = 1e-8), so gradient entries within round-off of zero move their
+# weights by up to 2 lr, and every later gradient with them. Measured on the tiny pair: a round-off-sized difference
+# (eps x the tensor's scale) in the first step's gradients moves the second step's by 7e-6 (mse) to 1e-4
+# (standardized_mse) of their scale in float32, and by 3e-15 to 3e-14 in float64. In float64 a sum of n terms taken in
+# another order differs by at most ~n u of their magnitudes (u = 2^-53 = 1.1e-16; Higham, "Accuracy and Stability of
+# Numerical Algorithms", 4.2); n < 1e5 here (tokens x width), so < 1e-11 of a tensor's scale. EXACT_RTOL leaves a
+# factor 10 on that for a few layers and steps to compound it, 3000x the amplified error above; the bugs these tests
+# catch (per-rank normalisation or moments) are of order 1.
+EXACT = "float64"
+EXACT_RTOL = 1e-10
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest entry-wise difference relative to the reference tensor's scale (its largest magnitude)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    """`got` equals `want` (float64 tensors by name) up to `EXACT_RTOL` of each tensor's scale."""
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, f"{name}: {got[name].dtype} != {tensor.dtype}"
+        assert tensor.dtype != torch.float32, f"{name} is float32, where round-off decides the comparison"
+        error = relative_error(got[name], tensor)
+        assert error < EXACT_RTOL, f"{name}: relative {what} error {error:.2e} (bound {EXACT_RTOL:.0e})"
 
 
 def make_module(**kwargs) -> DistillModule:

@@ -29,10 +29,11 @@ from oprd.training.optim import OptimConfig
 from tests.conftest import STUDENT, TEACHER
 
 
-def specs(**kwargs) -> dict:
+def specs(dtype: str = "float32", **kwargs) -> dict:
+    """The tiny pair's DistillModule arguments, both models in `dtype`."""
     defaults = dict(
-        teacher=ModelSpec(config=TEACHER, seed=1),
-        student=ModelSpec(config=STUDENT, seed=2),
+        teacher=ModelSpec(config=TEACHER, seed=1, dtype=dtype),
+        student=ModelSpec(config=STUDENT, seed=2, dtype=dtype),
         tokenizer="tiny",
         rollout=RolloutConfig(max_new_tokens=10),
         optim=OptimConfig(lr=1e-3, projector_lr=1e-2, schedule="constant"),
@@ -86,13 +87,18 @@ def train(
     shard_teacher: bool = False,
     token_loss: bool = False,
     hidden_kind: str = "mse",
+    dtype: str = "float64",
 ) -> None:
-    """Train on the replayed rollouts (one optimizer step per rollout in the file) and write the results to `out`."""
+    """Train on the replayed rollouts (one optimizer step per rollout in the file) and write the results to `out`.
+
+    The models, projectors and losses run in `dtype`: float64 by default, because the tests compare two orders of the
+    same computation, which float32 round-off (amplified by Adam's first, sign-like steps) would decide instead.
+    """
     ReplayRollouts.steps = torch.load(rollout, weights_only=False)["steps"]
     rows = ReplayRollouts.steps[0].input_ids.shape[0]
     token = {"token_loss": TokenLossConfig(objective="reverse_kl", estimator="exact")} if token_loss else {}
     hidden = HiddenLossConfig(kind=hidden_kind)
-    module = ReplayRollouts(**specs(shard_teacher=shard_teacher, hidden_loss=hidden, **token))
+    module = ReplayRollouts(**specs(dtype, shard_teacher=shard_teacher, hidden_loss=hidden, **token))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -127,6 +133,7 @@ def main() -> None:
     parser.add_argument("--shard-teacher", action="store_true")
     parser.add_argument("--token-loss", action="store_true")
     parser.add_argument("--hidden-kind", default="mse")
+    parser.add_argument("--dtype", default="float64")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks on a two-core machine
     train(
@@ -138,6 +145,7 @@ def main() -> None:
         shard_teacher=args.shard_teacher,
         token_loss=args.token_loss,
         hidden_kind=args.hidden_kind,
+        dtype=args.dtype,
     )
 
 

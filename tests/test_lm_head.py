@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import oprd.losses.lm_head as lm_head
 from oprd.losses.lm_head import chunked_token_loss_sum, dense_token_loss_sum, token_loss_sum_from_hidden
 from oprd.losses.token import ESTIMATORS, OBJECTIVES, TokenLossConfig, token_loss_sum
+from tests.conftest import EXACT_RTOL, relative_error
 
 B, T, D_S, D_T = 3, 6, 8, 10
 VOCAB, V_STUDENT, V_TEACHER = 17, 20, 23  # both heads padded past the shared tokenizer vocabulary
@@ -25,11 +26,13 @@ VALID = [(o, e) for o, e in itertools.product(OBJECTIVES, ESTIMATORS) if e != "s
 
 
 def make_inputs(seed: int = 0, all_masked: bool = False):
+    """Float64 states and heads: chunked and dense are the same sums in another order, compared far below float32
+    round-off (tests/conftest.py)."""
     torch.manual_seed(seed)
-    student_hidden = torch.randn(B, T, D_S, requires_grad=True)
-    teacher_hidden = torch.randn(B, T, D_T)
-    student_head = nn.Linear(D_S, V_STUDENT, bias=True)
-    teacher_head = nn.Linear(D_T, V_TEACHER, bias=True).requires_grad_(False)
+    student_hidden = torch.randn(B, T, D_S, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(B, T, D_T, dtype=torch.float64)
+    student_head = nn.Linear(D_S, V_STUDENT, bias=True, dtype=torch.float64)
+    teacher_head = nn.Linear(D_T, V_TEACHER, bias=True, dtype=torch.float64).requires_grad_(False)
     mask = torch.zeros(B * T, dtype=torch.bool)
     if not all_masked:
         mask[torch.randperm(B * T)[:N_KEPT]] = True
@@ -49,8 +52,8 @@ def loss_and_grads(fn, inputs, config):
 
 def assert_same(got, want):
     for g, w in zip(got, want, strict=True):
-        assert g is not None and w is not None
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+        assert g is not None and w is not None and g.dtype == w.dtype == torch.float64
+        assert relative_error(g, w) < EXACT_RTOL
 
 
 @pytest.mark.parametrize("chunk_size", [5, 4, 64])  # 12 kept tokens: remainder chunk, exact division, one chunk

@@ -13,9 +13,11 @@ from oprd.losses.hidden import (
 
 
 def _batch(b=3, t=6, d=5, seed=0):
+    # float64: each test checks an identity (a formula written out, micro-batches vs the whole batch), which float64
+    # round-off (~1e-16 relative) leaves far inside the default tolerances of `allclose` (rtol 1e-5, atol 1e-8).
     g = torch.Generator().manual_seed(seed)
-    student = torch.randn(b, t, d, generator=g, requires_grad=True)
-    teacher = torch.randn(b, t, d, generator=g)
+    student = torch.randn(b, t, d, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(b, t, d, generator=g, dtype=torch.float64)
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 0]])
     return student, teacher, mask
 

@@ -12,7 +12,7 @@ from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
-from tests.conftest import STUDENT, TEACHER, make_module, trainer
+from tests.conftest import EXACT, STUDENT, TEACHER, assert_same_state, make_module, trainer
 
 
 def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_path):
@@ -71,7 +71,7 @@ class FixedRollouts(DistillModule):
 
     def on_before_optimizer_step(self, optimizer):
         super().on_before_optimizer_step(optimizer)
-        self.grads = [p.grad.clone() for p in self.student.parameters() if p.grad is not None]
+        self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
 
 
 def test_gradient_accumulation_normalises_by_the_whole_step(tmp_path):
@@ -86,20 +86,34 @@ def test_gradient_accumulation_normalises_by_the_whole_step(tmp_path):
     roll.attention_mask *= keep
     grads = []
     for micro, accumulate in ((8, 1), (4, 2), (2, 4)):
-        module = FixedRollouts(roll, micro, **_specs())
+        module = FixedRollouts(roll, micro, **_specs(EXACT))  # one order of the same sums vs another: float64
         trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(
             module, PromptDataModule(batch_size=micro)
         )
         grads.append(module.grads)
+    assert len(grads[0]) > 2  # the student's and the projectors' gradients
     for other in grads[1:]:
-        for a, b in zip(grads[0], other, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        assert_same_state(other, grads[0], "gradient")
 
 
-def _specs():
+@pytest.mark.parametrize("kind", ["mse", "standardized_mse"])
+def test_a_float64_pair_trains_in_float64_end_to_end(kind):
+    """`dtype: float64` keeps the whole step in float64 (models, projectors, losses): what the exact-comparison tests
+    rely on. float32 pairs keep float32 projectors and losses, whatever the float64 running moments."""
+    for dtype, want in (("float32", torch.float32), (EXACT, torch.float64)):
+        module = DistillModule(**_specs(dtype), hidden_loss=HiddenLossConfig(kind=kind))
+        roll = module.sample(["What is 1 plus 2?", "Hi"], RolloutConfig(max_new_tokens=6), seed=0)
+        terms = module.distill(roll)
+        terms.loss.backward()
+        assert terms.loss.dtype == terms.pairs["1_3"].dtype == want
+        grads = {p.grad.dtype for p in module.parameters() if p.grad is not None}
+        assert {p.dtype for p in module.parameters()} == grads == {want}
+
+
+def _specs(dtype: str = "float32"):
     return dict(
-        teacher=ModelSpec(config=TEACHER, seed=1),
-        student=ModelSpec(config=STUDENT, seed=2),
+        teacher=ModelSpec(config=TEACHER, seed=1, dtype=dtype),
+        student=ModelSpec(config=STUDENT, seed=2, dtype=dtype),
         tokenizer="tiny",
         rollout=RolloutConfig(max_new_tokens=10),
         optim=OptimConfig(lr=1e-3),
@@ -203,7 +217,8 @@ def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
         trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(
             module, PromptDataModule(batch_size=micro)
         )
-        for got, want in zip(module.grads, expected, strict=True):
+        student = [g for name, g in module.grads.items() if name.startswith("student.")]
+        for got, want in zip(student, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
     # The logged hidden term is the same mean, with a hidden term alone and next to a token term (one micro-batch).

@@ -87,8 +87,15 @@ def hidden_standardized_mse(student: Tensor, teacher: Tensor, mask: Tensor, std:
     Args:
         std: `[d]` the teacher's standard deviation per dimension (`oprd.objective.statistics.RunningMoments`).
     """
-    per_token = reduce(((student - teacher.detach()) / std.detach()).pow(2), "b t d -> b t", "mean")
+    std = std.detach().to(at_least_float32(student).dtype)  # the moments are float64; the loss keeps its precision
+    per_token = reduce(((student - teacher.detach()) / std).pow(2), "b t d -> b t", "mean")
     return masked_sum(per_token, mask)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32, or in its own dtype when that is wider (float64): low-precision states are compared in float32,
+    and a float64 run stays float64 end to end."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine, "normalized_mse": hidden_normalized_mse}
@@ -97,7 +104,7 @@ HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine, "normalized_mse": h
 @torch.no_grad()
 def mean_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     """Mean cosine similarity over kept tokens, for logging (`train/cos/<layer>`)."""
-    return masked_mean(F.cosine_similarity(student.float(), teacher.float(), dim=-1), mask)
+    return masked_mean(F.cosine_similarity(at_least_float32(student), at_least_float32(teacher), dim=-1), mask)
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,10 @@ def hidden_loss_sums(
         if stds is None:
             raise ValueError("hidden_loss kind 'standardized_mse' needs the teacher's standard deviations (stds).")
         return {
-            label: hidden_standardized_mse(student[label].float(), teacher[label].float(), keep, stds[label])
+            label: hidden_standardized_mse(
+                at_least_float32(student[label]), at_least_float32(teacher[label]), keep, stds[label]
+            )
             for label in student
         }
     fn = HIDDEN_LOSSES[config.kind]
-    return {label: fn(student[label].float(), teacher[label].float(), keep) for label in student}
+    return {label: fn(at_least_float32(student[label]), at_least_float32(teacher[label]), keep) for label in student}

@@ -24,7 +24,9 @@ from oprd.models.width import WidthPrune, importance, prune_width, width_pruned_
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for checks that two orders of the same computation agree (data parallel vs one process, accumulation vs
+# one micro-batch): float32 round-off, which Adam can amplify, would decide such a check, not the code under test.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -36,7 +38,7 @@ class ModelSpec:
     config: dict[str, Any] | None = None
     """Instead of `path`: transformers config fields (with `model_type`) of a randomly initialised model."""
     dtype: str = "float32"
-    """Weights dtype: float32, bfloat16 or float16."""
+    """Weights dtype: float32, bfloat16, float16, or float64 (exact-comparison tests; slow)."""
     seed: int = 0
     """Seed of the random initialisation when built from `config`."""
     keep_layers: list[int] | None = None

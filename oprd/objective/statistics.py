@@ -62,9 +62,9 @@ class RunningMoments(nn.Module):
 
     def std(self) -> Tensor:
         """`[d]` standard deviation per dimension (population), floored at `STD_FLOOR` of the median (and at 1e-6),
-        float32."""
+        float64 like the moments (the loss casts it to its own precision)."""
         std = (self.m2 / self.count.clamp_min(1)).sqrt()
-        return std.clamp_min(STD_FLOOR * std.median()).clamp_min(1e-6).float()
+        return std.clamp_min(STD_FLOOR * std.median()).clamp_min(1e-6)
 
 
 def _every_rank(n: Tensor, mean: Tensor, m2: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
