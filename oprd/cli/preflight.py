@@ -21,6 +21,7 @@ from oprd.data import NO_HELDOUT, PromptDataModule, check_sources, heldout_sourc
 from oprd.hparams import from_plain, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
 from oprd.module import DistillModule
+from oprd.rollout.engine import check_strategy
 from oprd.training.checkpoint import load_checkpoint
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
@@ -85,7 +86,8 @@ def check_config(subcommand: str, config) -> None:
         config: the subcommand's parsed config (a jsonargparse Namespace).
     """
     model = config.model.as_dict()
-    typed_model_args(model)
+    rollout = typed_model_args(model).get("rollout")
+    check_strategy(rollout.engine if rollout is not None else "hf", config.trainer.strategy)
     data = config.data.as_dict()
     PromptDataModule(**data)
     if subcommand != "fit" and heldout_source(data["train"], data["val"]) is None:
