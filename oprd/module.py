@@ -8,13 +8,16 @@ scoring, `oprd.evaluation`; sharding and teacher placement, `oprd.parallel`; opt
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from oprd.evaluation.scoring import Responder, score
+from oprd.evaluation.scoring import ANSWERED, Responder, prompts_covered, score
 from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
@@ -25,11 +28,12 @@ from oprd.objective.bridge import BridgeConfig
 from oprd.objective.calibration import calibrate_bridge
 from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
 from oprd.objective.objective import LossTerms, Objective, Projector
-from oprd.pair import ModelPair, PairConfigs
+from oprd.pair import ModelPair, PairConfigs, choose_student_layers
 from oprd.parallel.placement import TeacherPlacement
+from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
 from oprd.parallel.sharding import configure_sharding, freeze_unreached, synced_generation
 from oprd.rollout.engine import get_engine
-from oprd.rollout.mixing import step_responses
+from oprd.rollout.mixing import coin_seed, step_responses
 from oprd.rollout.sampling import Rollout, RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import NonFinite, NonFiniteGuard
@@ -71,6 +75,8 @@ class DistillModule(L.LightningModule):
         offload_teacher: keep the teacher in CPU memory, on the device for its pass only (one copy per step).
         shard_teacher: shard the teacher with FSDP2 across all processes (under `fsdp2` or `ddp`); the memory cost
             of each placement: `oprd.parallel.placement`.
+        remote_teacher: run the teacher as replicas on Ray actors (this machine's cluster or another's) instead of
+            in the trainer's process (`oprd.parallel.remote`).
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class DistillModule(L.LightningModule):
         teacher_device: str | None = None,
         offload_teacher: bool = False,
         shard_teacher: bool = False,
+        remote_teacher: RemoteTeacherConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,9 +116,12 @@ class DistillModule(L.LightningModule):
         for key, value in self.hparams.items():
             self.hparams[key] = to_plain(value)
         self.rollout_cfg, self.optim_cfg = args["rollout"], args["optim"]
-        placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher)
-        engine = get_engine(self.rollout_cfg.engine)
         max_new_tokens = max(self.rollout_cfg.max_new_tokens, val_max_new_tokens or 0)
+        student = choose_student_layers(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
+        if student is not args["student"]:  # the layers chosen by importance go into every checkpoint
+            args["student"], self.hparams["student"] = student, to_plain(student)
+        placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher, args["remote_teacher"])
+        engine = get_engine(self.rollout_cfg.engine)
         # Configs first: a bad layer map, vocabulary or position limit fails before any weights load.
         configs = PairConfigs.read(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
         s_cfg, t_cfg = configs.student, configs.teacher
@@ -134,26 +144,37 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         self.pair.engine.wake()
-        coin_seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, rank=0)  # the same on every rank
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        roll, on_policy = step_responses(self, batch, seed, coin_seed)
-        self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
-        self.meter.rollout_done(int(roll.response_mask.sum()))
-        terms = self.distill(roll)
+        lmbda = self.rollout_cfg.lmbda_at(self.global_step)
+        with self._saved_if_teacher_lost():
+            roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step), lmbda)
+            self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
+            self.meter.rollout_done(int(roll.response_mask.sum()))
+            terms = self.distill(roll)
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch
-        tokens = roll.response_mask.sum()
+        tokens = terms.tokens  # what the sums are over: response tokens, or those a hidden term alone selects
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
-        metrics = {f"train/{name}": value for name, value in terms.metrics(tokens).items()}
+        metrics = {f"train/{name}": value for name, value in terms.metrics().items()}
         metrics["train/response_length"] = roll.response_lengths.float().mean()
-        if self.rollout_cfg.lmbda < 1:
-            metrics["train/on_policy"] = float(on_policy)
+        if self.rollout_cfg.mixes:
+            metrics["train/on_policy"], metrics["train/lmbda"] = float(on_policy), lmbda
         self.log_dict(metrics, batch_size=len(roll.input_ids))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(roll.input_ids))
         self._update_tokens = int(roll.attention_mask.sum())
         # A sum over tokens: `on_before_optimizer_step` divides by the whole step's token count.
         return terms.loss
+
+    @contextlib.contextmanager
+    def _saved_if_teacher_lost(self) -> Iterator[None]:
+        """A remote teacher with no replica left: save the run as it stands before this step, then stop."""
+        try:
+            yield
+        except TeacherUnavailable as err:
+            path = Path(self.trainer.default_root_dir) / f"teacher-lost-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(path, weights_only=False)
+            raise TeacherUnavailable(f"{err} The run before step {self.global_step} is saved in {path}.") from err
 
     def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
@@ -191,12 +212,23 @@ class DistillModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # After a checkpoint is restored (a resumed run's Bridge is calibrated already), before the first step.
-        if self.objective.needs_calibration:
-            data = self.trainer.datamodule
-            prompts = [item["prompt"] for item in data.train_items]
-            metrics = calibrate_bridge(self, prompts, data.hparams.batch_size)
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.trainer.global_step)
+        self.calibrate()
+
+    def calibrate(self) -> dict[str, float]:
+        """Calibrate the Bridge on the training prompts if it is not calibrated yet (every rank: the rollouts may be
+        in lock-step); returns its metrics, empty when there was nothing to do.
+
+        The module calls it before the first step; a callback that scores the student before training calls it
+        first, so that what it scores is what trains (an uncalibrated Bridge scores cosine 0).
+        """
+        if not self.objective.needs_calibration:
+            return {}
+        data = self.trainer.datamodule
+        prompts = [item["prompt"] for item in data.train_items]
+        metrics = calibrate_bridge(self, prompts, data.hparams.batch_size)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+        return metrics
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.meter.start(self.device)
@@ -216,13 +248,18 @@ class DistillModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "val"), sync_dist=True, batch_size=len(batch["prompt"]))
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self.log_dict(self.evaluate(batch, "test"), sync_dist=True, batch_size=len(batch["prompt"]))
+        self.evaluate(batch, "test")
 
     def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
+        """Score a held-out batch and log `<prefix>/<metric>`: each metric's epoch value is weighted by the prompts it
+        covers (accuracy by the answered ones), `<prefix>/answered` is their total."""
         metrics, _ = score(self, batch["prompt"], batch["answer"], self.hparams.eval_model)
+        for name, count in prompts_covered(metrics, len(batch["prompt"])).items():
+            reduce_fx = "sum" if name == ANSWERED else "mean"
+            self.log(f"{prefix}/{name}", metrics[name], sync_dist=True, batch_size=count, reduce_fx=reduce_fx)
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ the rollout engine), hidden states at capture points, and the output heads.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,11 @@ from transformers import PretrainedConfig
 from oprd.data import format_prompts
 from oprd.models.capture import Point
 from oprd.models.layers import check_layer_count
-from oprd.models.spec import ModelSpec, load_config, load_model, pruned_from
+from oprd.models.spec import ModelSpec, choose_depth, load_config, load_model, pruned_from
 from oprd.models.tokenizers import check_positions, check_vocab, pair_tokenizer
 from oprd.objective.objective import Heads
 from oprd.parallel.placement import FrozenTeacher, TeacherPlacement
+from oprd.parallel.remote import RemoteTeacher
 from oprd.parallel.sharding import gathered_head, hidden_states
 from oprd.rollout.engine import HFGenerateEngine, RolloutEngine
 from oprd.rollout.sampling import Rollout, RolloutConfig
@@ -53,6 +54,19 @@ class PairConfigs:
         check_vocab(tok, s_cfg, "student")
         check_positions(max_prompt_length, max_new_tokens, t_cfg, s_cfg)
         return cls(tok, t_cfg, s_cfg, pruned_from(student, len(tok)))
+
+
+def choose_student_layers(
+    teacher: ModelSpec, student: ModelSpec, tokenizer: str | None, max_prompt_length: int, max_new_tokens: int
+) -> ModelSpec:
+    """The student spec with the layers its `depth` asks for chosen by importance (`choose_depth`); any other spec
+    as it is. Everything the configs can tell is checked first, on the same number of layers, before the ranking
+    loads a model."""
+    if student.depth is None or student.keep_layers is not None:
+        return student
+    placeholder = dataclasses.replace(student, keep_layers=list(range(student.depth.num_layers)))
+    configs = PairConfigs.read(teacher, placeholder, tokenizer, max_prompt_length, max_new_tokens)
+    return choose_depth(student, configs.tokenizer)
 
 
 class ModelPair:
@@ -83,14 +97,23 @@ class ModelPair:
         self.tokenizer, self.engine = configs.tokenizer, engine
         self.max_prompt_length, self.truncate_prompts = max_prompt_length, truncate_prompts
         self.layers_paths = {"teacher": teacher.layers_path, "student": student.layers_path}
+        if placement.remote is not None:  # first: an unreachable cluster fails before the student loads
+            self.frozen_teacher = RemoteTeacher(teacher, configs.teacher, self.tokenizer, placement.remote)
         self.student = load_model(student, configs.student, self.tokenizer).train()  # from_pretrained: eval mode
-        self.frozen_teacher = FrozenTeacher(load_model(teacher, configs.teacher, self.tokenizer), placement)
-        for who, model in (("student", self.student), ("teacher", self.teacher)):
-            check_layer_count(model, self.layers_paths[who], who)
+        check_layer_count(self.student, self.layers_paths["student"], "student")
+        if placement.remote is None:
+            self.frozen_teacher = FrozenTeacher(load_model(teacher, configs.teacher, self.tokenizer), placement)
+            check_layer_count(self.teacher, self.layers_paths["teacher"], "teacher")
 
     @property
-    def teacher(self) -> nn.Module:
-        return self.frozen_teacher.model
+    def teacher(self) -> nn.Module | RemoteTeacher:
+        """The teacher module, or its `RemoteTeacher` when it runs elsewhere (pass it as `sample`'s `model`)."""
+        return self.frozen_teacher if self.remote else self.frozen_teacher.model
+
+    @property
+    def remote(self) -> bool:
+        """Whether the teacher runs outside this process (no teacher module here)."""
+        return isinstance(self.frozen_teacher, RemoteTeacher)
 
     @property
     def device(self) -> torch.device:
@@ -110,28 +133,24 @@ class ModelPair:
         synced: bool = False,
     ) -> Rollout:
         """Responses of `model` (default: the student) on the student's device: the student's through the rollout
-        engine, any other model's through its own `generate` (an engine holds a copy of the student only).
+        engine, the teacher's where it lives, any other model's through its own `generate` (an engine holds a copy
+        of the student only).
 
         Args:
             synced: keep the ranks in lock-step (`synced_gpus`), for sharded models.
         """
         enc, model = self.format(prompts), model or self.student
-        placed = self.frozen_teacher.active(self.device) if model is self.teacher else nullcontext(self.device)
+        if model is self.teacher:
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            return self.frozen_teacher.generate(self.tokenizer, ids, mask, config, seed, self.device, synced)
         engine = self.engine if model is self.student else HFGenerateEngine()
-        with placed as device:
-            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            roll = engine.generate(model, self.tokenizer, ids, mask, config, seed=seed, synced_gpus=synced)
-        return roll.to(self.device)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return engine.generate(model, self.tokenizer, ids, mask, config, seed=seed, synced_gpus=synced).to(self.device)
 
     @torch.no_grad()
     def teacher_states(self, roll: Rollout, points: list[Point]) -> dict[Point, Tensor]:
         """The teacher's states `[b, t, d]` at `points`, on the student's device; its pass stops after the deepest."""
-        with self.frozen_teacher.active(self.device) as device:
-            on_device = roll.to(device)
-            states = hidden_states(
-                self.teacher, points, self.layers_paths["teacher"], on_device.input_ids, on_device.attention_mask
-            )
-        return {point: state.to(self.device) for point, state in states.items()}
+        return self.frozen_teacher.states(roll, points, self.layers_paths["teacher"], self.device)
 
     def student_states(self, roll: Rollout, points: list[Point]) -> dict[Point, Tensor]:
         """The student's states `[b, t, d]` at `points` (with gradient when enabled)."""

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from benchmarks.peers import QUICK_RATES, RATES, parse_rates
 from tests.conftest import ROOT
 
 # One torch thread: on a busy 2-core CI machine two threads spin waiting for each other (20x slower on tiny models).
@@ -21,6 +22,7 @@ ARGS = {
     "step": ["--quick", "--models", "tiny", "--threads", "1"],
     "memory_growth": ["--quick", "--threads", "1"],
     "peers": ["--quick", "--threads", "1"],
+    "remote_teacher": ["--quick", "--threads", "1", "--steps", "2"],
 }
 SUMMARY_KEYS = {
     "loss_memory": {
@@ -41,7 +43,8 @@ SUMMARY_KEYS = {
         "paper_speedup_vs_opd_top16",
     },
     "memory_growth": {"growth_after_warmup_pct", "rss_after_warmup_mib", "rss_end_mib", "warmup_steps"},
-    "peers": {"opd_over_trl_step_time", "opd_over_trl_update_memory", "oprd_over_trl_update_memory"},
+    "peers": {"opd_over_trl_step_time", "opd_over_trl_update_memory", "oprd_over_trl_update_memory", "oprd_lr"},
+    "remote_teacher": {"tiny"},
 }
 
 
@@ -101,7 +104,18 @@ def test_memory_stays_flat_over_a_long_fit(results):
     assert data["summary"]["growth_after_warmup_pct"] <= data["summary"]["limit_pct"]
 
 
-def test_peers_runs_trl_and_oprd_on_the_same_pair_and_scores_both(results):
-    rows = {row["method"]: row for row in results("peers")[0]["rows"]}
+def test_peers_runs_trl_and_oprd_on_the_same_pair_each_at_its_own_rate_and_scores_both(results):
+    data = results("peers")[0]
+    rows = {row["method"]: row for row in data["rows"]}
     assert set(rows) == {"trl", "opd", "oprd"}
-    assert all(row["steps"] == 2 and row["update_saved_mib"] > 0 and row["reverse_kl"] > 0 for row in rows.values())
+    assert all(row["steps"] == 3 and row["update_peak_mib"] > 0 and row["reverse_kl"] > 0 for row in rows.values())
+    # Each method at its own rate (OPRD's an order of magnitude above OPD's, not OPD's best for all).
+    assert {m: row["lr"] for m, row in rows.items()} == QUICK_RATES and all(row["chosen"] for row in rows.values())
+    assert {row["memory"] for row in rows.values()} == {"update peak (CPU allocation replay)"}
+
+
+def test_peers_takes_a_rate_grid_per_method_and_refuses_unknown_methods():
+    assert parse_rates(["oprd=3e-5,1e-4"], RATES) == {"trl": [1e-5], "opd": [1e-5], "oprd": [3e-5, 1e-4]}
+    assert parse_rates(["2e-5"], RATES) == {"trl": [2e-5], "opd": [2e-5], "oprd": [2e-5]}
+    with pytest.raises(ValueError, match="'sft' is not a method"):
+        parse_rates(["sft=1e-5"], RATES)

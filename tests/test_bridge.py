@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from oprd.cli import main
+from oprd.compare.probe import CompareProbe
+from oprd.data import PromptDataModule, arithmetic_examples
+from oprd.evaluation.report import DistillReport
+from oprd.losses.hidden import HiddenLossConfig
 from oprd.models import ModelSpec
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, pca
-from tests.conftest import ROOT, TEACHER, make_module
+from tests.conftest import ROOT, TEACHER, make_module, trainer
 
 TINY = str(ROOT / "configs/tiny.yaml")
 BRIDGE = ("--model.projector", "bridge", "--model.bridge.rank", "4", "--model.bridge.batches", "2",
@@ -87,3 +91,19 @@ def test_the_bridge_trains_a_narrower_student():
     module = make_module(student=student, projector="bridge", bridge=BridgeConfig(rank=4, batches=1))
     assert module.objective.needs_calibration
     assert module.objective.projectors.student["1_3"].weight.shape == (4, 32)
+
+
+def test_the_probe_and_the_report_score_the_student_with_a_calibrated_bridge_and_time_the_calibration(tmp_path):
+    # An uncalibrated Bridge has a zero teacher basis: every target is 0, so it scores cosine exactly 0 and
+    # normalised error exactly 1 whatever the student. What trains is the calibrated Bridge: score that one.
+    probe = CompareProbe({"test": arithmetic_examples("val")[:2]}, every=100, batch_size=2)
+    report = DistillReport(num_prompts=2, num_samples=0, export_dir=None, batch_size=2)
+    module = make_module(projector="bridge", bridge=BridgeConfig(rank=4, batches=1), hidden_weight=10.0,
+                         hidden_loss=HiddenLossConfig(kind="normalized_mse"))  # fmt: skip
+    trainer(tmp_path, max_steps=1, callbacks=[probe, report]).fit(module, PromptDataModule(batch_size=2))
+    start = probe.rows[0]
+    assert start["step"] == 0 and start["cos"] > 0
+    before = report.results["before"][0]
+    assert before["cos/1_3"] > 0
+    # Calibrating is training time (a user waits for it): the clock at step 0 is the calibration.
+    assert probe.calibrate_s > 0 and start["train_s"] == probe.calibrate_s

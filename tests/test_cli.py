@@ -170,3 +170,18 @@ def test_objective_fragments_train_and_log_token_kl(fragment, tmp_path):
     fresh = load_model(spec, load_config(spec, 384)).state_dict()
     trained = {k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
     assert any(not torch.equal(fresh[k], v) for k, v in trained.items())
+
+
+@pytest.mark.parametrize("name", ["predictions.jsonl", "predictions.rank1.jsonl"])
+def test_predict_refuses_to_write_over_its_own_prompt_file(tmp_path, capsys, no_weight_loading, name):
+    prompts = tmp_path / name
+    prompts.write_text('{"prompt": "What is 1 plus 2?", "answer": "3"}\n')
+    before = prompts.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main([
+            "predict", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.val", str(prompts),
+        ])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "is where `oprd predict` writes its responses" in capsys.readouterr().err
+    assert prompts.read_bytes() == before

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import statistics
+import time
 
 import lightning as L
 import pytest
+import torch
 from rich.console import Console
 
 from oprd.cli import main
 from oprd.cli.compare import parse_lrs
+from oprd.compare.probe import CompareProbe
 from oprd.compare.report import print_table
 from oprd.compare.runner import CompareSettings
+from oprd.data import PromptDataModule, arithmetic_examples
+from oprd.rollout.engine import HFGenerateEngine
+from oprd.training.memory import UpdateMemory
 from tests import wandb_reader
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_module, trainer
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,7 @@ def test_compare_writes_every_run_and_chooses_each_objectives_rate(compared):
         assert entry["test"] == _final(result, objective, entry["lr"], "test")  # reported on the test split
         assert entry["update_s"] > 0 and entry["update_mib"] > 0
         assert entry["final_only"]["arithmetic-rephrased"]["step"] == 4
+    assert {run["memory"] for run in result["runs"]} == {"update peak (CPU allocation replay)"}
     assert not result["summary"]["one_shared_learning_rate"]
 
 
@@ -55,7 +64,7 @@ def test_compare_starts_every_run_from_the_same_weights_and_scores_every_n_steps
         assert sorted({r["step"] for r in rows if r["split"] == "test"}) == [0, 2, 4]
     # Each run scores its own step 0: the same weights give the same answers and KL whatever the objective (its
     # hidden term and per-pair cosines differ: OPD has no layer pairs).
-    own = ("objective", "lr", "hidden", "cos", "cos_final")
+    own = ("objective", "lr", "hidden", "cos", "cos_final", "train_s")  # train_s: each run's own calibration
     starts = {json.dumps({k: v for k, v in r.items() if k not in own}, sort_keys=True)
               for r in result["rows"] if r["step"] == 0 and r["split"] == "test"}  # fmt: skip
     assert len(starts) == 1 and len([r for r in result["rows"] if r["step"] == 0 and r["split"] == "test"]) == 3
@@ -87,7 +96,9 @@ def test_the_table_names_each_objectives_chosen_rate_as_written_on_the_command_l
     _, result = compared
     console = Console(record=True, width=80)  # as narrow as a log file's
     print_table(result, console)
-    main_table = console.export_text().split("final weights on")[0]
+    text = console.export_text()
+    assert "MiB: update peak (CPU allocation replay)" in " ".join(text.split())  # the caption says what MiB is
+    main_table = text.split("final weights on")[0]
     rows = {
         line.split()[1]: line.split()[3] for line in main_table.splitlines() if line.split()[1:2] in (["oprd"], ["opd"])
     }
@@ -127,3 +138,137 @@ def test_a_run_whose_process_dies_fails_the_comparison_with_its_name(tmp_path, c
             "--", "--trainer.callbacks+=tests.test_compare.DieAtTrainStart", "--trainer.logger", "false",
         ])  # fmt: skip
     assert "run oprd-lr0.01 died without a result" in capsys.readouterr().err
+
+
+# ---- what the probe measures, on the tiny pair in-process ------------------------------------------------------
+
+MIB = 2**20
+
+
+class MicroBatch(L.Callback):
+    """Knows which micro-batch of an optimizer step is running (None outside training batches), and collects the
+    update seconds the module logs for each. Registered after the probe, so its hooks run after the probe's."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate, self.index, self.update_s = accumulate, None, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._read(trainer)
+        self.index = batch_idx % self.accumulate
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.index = None
+
+    def on_train_end(self, trainer, module) -> None:
+        self._read(trainer)
+
+    def _read(self, trainer) -> None:  # what the previous micro-batch logged, once the module's own hook has run
+        if "train/update_s" in trainer.callback_metrics:
+            self.update_s.append(float(trainer.callback_metrics["train/update_s"]))
+
+
+def test_cpu_update_memory_is_the_peak_above_the_start_over_every_window():
+    resident = torch.ones(64 * MIB, dtype=torch.uint8)  # weights and the like: not charged
+    memory = UpdateMemory(torch.device("cpu"))
+    memory.begin()
+    kept = torch.ones(2 * MIB, dtype=torch.uint8)  # lives on into the next window (a gradient)
+    memory.end()
+    between = torch.ones(32 * MIB, dtype=torch.uint8)  # a rollout's KV cache, freed before the update
+    del between
+    memory.begin()
+    torch.ones(8 * MIB, dtype=torch.uint8)  # a temporary of the second window
+    memory.end()
+    assert memory.close() == 10 * MIB
+    del kept, resident
+
+
+def _fit(tmp_path, probe: CompareProbe, module=None, steps: int = 3, accumulate: int = 1, hooks=()) -> MicroBatch:
+    module = module or make_module()
+    micro = MicroBatch(accumulate)
+    for model, hook in hooks:
+        embeddings = getattr(module.pair, model).get_input_embeddings()  # runs in every forward, early exit or not
+        embeddings.register_forward_pre_hook(lambda *_, h=hook: h(micro))
+    fit = trainer(tmp_path, max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[probe, micro])
+    fit.fit(module, PromptDataModule(batch_size=2))
+    return micro
+
+
+def _probe(**kwargs) -> CompareProbe:
+    return CompareProbe({"test": arithmetic_examples("val")[:2]}, every=100, batch_size=2, **kwargs)
+
+
+def test_update_memory_is_the_updates_true_peak_not_the_rollouts_nor_the_bytes_saved_for_backward(tmp_path):
+    # Stand-ins for what the bytes saved for backward cannot see (a no-grad buffer of the teacher pass, freed at
+    # once, like the teacher's logits or a checkpointed LM head's recomputed chunk) and for the rollout's KV cache,
+    # which is not the update's: sizes far apart from the tiny pair's own few hundred KiB.
+    def teacher_buffer(micro):
+        if micro.index is not None:
+            torch.ones(8 * MIB, dtype=torch.uint8)
+
+    def rollout_buffer(micro):
+        if micro.index is not None and not torch.is_grad_enabled():
+            torch.ones(64 * MIB, dtype=torch.uint8)
+
+    probe = _probe()
+    _fit(tmp_path, probe, hooks=[("teacher", teacher_buffer), ("student", rollout_buffer)])
+    summary = probe.summary()
+    assert 8 <= summary["update_mib"] < 64
+    assert summary["memory"] == "update peak (CPU allocation replay)"
+
+
+def test_with_gradient_accumulation_time_and_memory_cover_the_whole_optimizer_step(tmp_path):
+    def first_micro_batch_buffer(micro):  # only in the first of the step's two micro-batches
+        if micro.index == 0:
+            torch.ones(8 * MIB, dtype=torch.uint8)
+
+    probe = _probe()
+    micro = _fit(tmp_path, probe, steps=3, accumulate=2, hooks=[("teacher", first_micro_batch_buffer)])
+    assert probe.summary()["update_mib"] >= 8
+    per_step = [micro.update_s[i] + micro.update_s[i + 1] for i in range(0, len(micro.update_s), 2)]
+    probed = probe.probed[0] - 1  # the probed step's seconds include the profiler: not among the update seconds
+    # The logged seconds are float32 (each rounded by at most 2**-24 of itself), the probe's float64.
+    expected = [s for i, s in enumerate(per_step) if i != probed]
+    assert len(per_step) == 3 and probe.update_s == pytest.approx(expected, rel=2**-23, abs=0)
+
+
+class SlowSync(HFGenerateEngine):
+    """An engine whose weight sync takes `SYNC_S` seconds (as copying weights into vLLM does)."""
+
+    SYNC_S = 1.0
+
+    def sync_weights(self, model, step: int) -> None:
+        time.sleep(self.SYNC_S)
+
+
+def test_the_clock_counts_weight_sync_and_calibration_and_not_the_evaluations(tmp_path):
+    module = make_module()
+    module.pair.engine = SlowSync()
+    probe = _probe()
+    probe.every = 1  # an evaluation after every step: none of it is training time
+    _fit(tmp_path, probe, module=module, steps=3)
+    assert len(probe.step_s) == 2 and min(probe.step_s.values()) >= SlowSync.SYNC_S  # the module syncs after the probe
+    # Calibration (none here), the two unprobed steps, and the probed one at their median: the same for every row.
+    expected = probe.calibrate_s + sum(probe.step_s.values()) + statistics.median(probe.step_s.values())
+    assert probe.train_s == expected and [r["train_s"] for r in probe.rows][-1] == expected
+    assert [r["step"] for r in probe.rows] == [0, 1, 2, 3]
+
+
+def test_a_time_budget_stops_before_the_step_that_would_overshoot_it(tmp_path):
+    def slow_teacher(micro):  # steps of at least 1.5 s: the prediction is far above the noise of a tiny step
+        if micro.index is not None:
+            time.sleep(1.5)
+
+    probe = _probe(budget_s=5.0)
+    _fit(tmp_path, probe, steps=50, hooks=[("teacher", slow_teacher)])
+    assert probe.train_s <= 5.0 and len(probe.step_s) >= 1
+    assert probe.rows[-1]["train_s"] == probe.train_s
+
+
+def test_progress_lines_name_the_run_the_step_and_the_time_left(tmp_path, caplog):
+    probe = _probe(name="run 2 of 3: oprd-lr0.01")
+    probe.every = 2
+    with caplog.at_level(logging.INFO, logger="oprd"):
+        _fit(tmp_path, probe, steps=4)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compare: run 2 of 3")]
+    assert len(lines) == 2 and "step 2 of 4" in lines[0] and "step 4 of 4" in lines[1]
+    assert all(" left" in line for line in lines)

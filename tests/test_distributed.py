@@ -149,7 +149,8 @@ def test_fsdp2_shards_and_matches_single_process_and_its_checkpoint_loads(rollou
 
 def _fit(root: Path, *flags: str) -> subprocess.CompletedProcess:
     command = [str(OPRD), "fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "4"]
-    command += ["--model.rollout.do_sample", "false", "--trainer.limit_val_batches", "0"]
+    command += ["--model.rollout.do_sample", "false", "--model.rollout.num_generations", "1"]
+    command += ["--trainer.limit_val_batches", "0"]
     command += ["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
     command += ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root), *flags]
     root.mkdir(parents=True, exist_ok=True)

@@ -20,17 +20,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from oprd.losses.lm_head import head_logits, head_params
-from oprd.losses.token import (
+from oprd.losses.token import TokenLossConfig
+from oprd.models.capture import NORM, HiddenCapture, forward_inputs
+from oprd.models.heads import (
     HEAD_RULES,
     UNSUPPORTED_HEADS,
-    TokenLossConfig,
     check_head_reproducible,
     check_same_logit_transforms,
     model_logit_transforms,
-    with_model_logit_transforms,
 )
-from oprd.models.capture import NORM, HiddenCapture, forward_inputs
 from oprd.models.layers import FINAL_NORM_BY_FAMILY
+from oprd.objective.objective import with_model_logit_transforms
 
 FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 LAYERS, VOCAB = 2, 128

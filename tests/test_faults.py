@@ -137,6 +137,8 @@ def test_signal_saves_a_checkpoint_at_the_end_of_the_step_and_exits(tmp_path, st
     assert 1 <= step < 1000
     # Saved between two steps: the data position is exactly the number of optimizer steps taken.
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": step}]
+    # Every step that made it into the checkpoint has its loss logged, the last one included.
+    assert sorted(train_losses(next(tmp_path.glob("**/metrics.csv")))) == list(range(step))
 
 
 def test_the_train_loader_continues_an_epoch_where_the_checkpoint_left_it():

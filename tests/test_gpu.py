@@ -36,3 +36,22 @@ def test_teacher_placement_moves_weights_and_keeps_results(placement):
     for key, value in expected.items():
         assert got[key].device == value.device
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_update_memory_is_the_peak_above_the_start_over_every_window():
+    from oprd.training.memory import UpdateMemory
+
+    device = torch.device("cuda")
+    resident = torch.ones(64 * 2**20, dtype=torch.uint8, device=device)  # weights and the like: not charged
+    memory = UpdateMemory(device)
+    memory.begin()
+    kept = torch.ones(2 * 2**20, dtype=torch.uint8, device=device)  # lives on into the next window (a gradient)
+    memory.end()
+    between = torch.ones(32 * 2**20, dtype=torch.uint8, device=device)  # a rollout's KV cache, freed before the update
+    del between
+    memory.begin()
+    torch.ones(8 * 2**20, dtype=torch.uint8, device=device)  # a temporary of the second window
+    memory.end()
+    # The caching allocator rounds each block up to 2 MiB multiples: both sizes here are multiples already.
+    assert memory.close() == 10 * 2**20
+    del kept, resident

@@ -81,3 +81,27 @@ def test_every_rank_takes_the_same_branch_whatever_its_sampling_seed():
         branches = {step_responses(module, batch, rollout_seed(0, 0, batch_idx, rank), coin)[1] for rank in range(4)}
         assert len(branches) == 1
     assert {step_responses(module, batch, seed, None)[1] for seed in range(12)} == {True, False}  # the coin is real
+
+
+def test_one_coin_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch):
+    # GKD picks on- or off-policy per update: both micro-batches of an accumulated step must take the same kind.
+    import oprd.module
+
+    module = make_module(rollout=RolloutConfig(max_new_tokens=4, lmbda=0.5))
+    kinds: dict[int, list[bool]] = {}
+
+    def recording(module, batch, seed, coin, lmbda=None):
+        roll, on_policy = step_responses(module, batch, seed, coin, lmbda)
+        kinds.setdefault(module.trainer.global_step, []).append(on_policy)
+        return roll, on_policy
+
+    monkeypatch.setattr(oprd.module, "step_responses", recording)
+    trainer(tmp_path, max_steps=8, accumulate_grad_batches=2).fit(module, PromptDataModule(batch_size=2))
+    assert sorted(kinds) == list(range(8)) and all(len(step) == 2 for step in kinds.values())
+    assert all(step[0] == step[1] for step in kinds.values()), kinds
+    assert {step[0] for step in kinds.values()} == {True, False}  # the coin is real
+
+
+def test_a_warm_start_off_policy_turns_on_policy_on_schedule_in_one_run(tmp_path):
+    kinds, calls = _fit_kinds(tmp_path, 5, lmbda=1.0, lmbda_start=0.0, lmbda_steps=3, lmbda_schedule="step")
+    assert kinds == [0.0, 0.0, 0.0, 1.0, 1.0] and calls == {"student": 2, "teacher": 0}

@@ -5,7 +5,9 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.evaluation.metrics import extract_answer
-from oprd.evaluation.scoring import score
+from oprd.evaluation.scoring import mean_over_batches, score
+from oprd.losses.hidden import HiddenLossConfig
+from oprd.losses.token import TokenLossConfig
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
@@ -134,3 +136,79 @@ def test_validation_metrics(tmp_path):
     assert results["val/accuracy"] == pytest.approx(3 / 8)  # batches of 3, 3 and 2 prompts, weighted by size
     assert results["val/response_length"] == pytest.approx(float(whole["response_length"]))
     assert results["val/hidden"] > 0
+
+
+def test_validation_accuracy_is_over_the_answered_prompts_and_counts_them(tmp_path):
+    module = make_module()
+    prompts = [f"What is {i} plus {i + 2}?" for i in range(16)]
+    _, rows = score(module, prompts, [None] * 16)
+    numbers = [i for i, row in enumerate(rows) if extract_answer(row["response"]) is not None]
+    others = [i for i in range(16) if i not in numbers[:4]]
+    assert len(numbers) >= 4, [row["response"] for row in rows]
+    # 4 right, 3 wrong, 1 without an answer, spread over batches of 3, 3 and 2.
+    chosen = [numbers[0], others[0], numbers[1], others[1], numbers[2], others[2], others[3], numbers[3]]
+    answers = {i: extract_answer(rows[i]["response"]) for i in numbers[:4]} | {i: "-12345" for i in others[:3]}
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": prompts[i], "answer": answers.get(i)}) + "\n" for i in chosen))
+    results = trainer(tmp_path, limit_val_batches=1.0).validate(
+        module, PromptDataModule(val=str(heldout), val_batch_size=3), verbose=False
+    )[0]
+    assert results["val/accuracy"] == pytest.approx(4 / 7) and results["val/answered"] == 7
+
+
+def test_held_out_means_weigh_accuracy_by_the_answered_prompts():
+    batches = [
+        ({"accuracy": torch.tensor(1.0), "answered": torch.tensor(2.0), "repetition": torch.tensor(0.5)}, 4),
+        ({"answered": torch.tensor(0.0), "repetition": torch.tensor(0.0)}, 4),  # no answers: no accuracy
+        ({"accuracy": torch.tensor(0.25), "answered": torch.tensor(4.0), "repetition": torch.tensor(1.0)}, 4),
+    ]
+    means = mean_over_batches(batches)
+    assert means == pytest.approx({"accuracy": (2 + 1) / 6, "answered": 6, "repetition": 0.5})
+
+
+def _first_k_by_hand(response_mask: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros_like(response_mask, dtype=torch.bool)
+    for row, mask in enumerate(response_mask):
+        keep[row, mask.nonzero().flatten()[:k]] = True
+    return keep
+
+
+def _hidden_by_hand(module, roll, keep: torch.Tensor) -> torch.Tensor:
+    """mean over pairs of sum_t keep_t ||P(h_S) - h_T||^2 / d_T over sum_t keep_t, written out."""
+    student, teacher = module.states(roll)
+    projected, targets = module.objective.projectors(student), module.objective.projectors.targets(teacher)
+    per_pair = [((projected[x] - targets[x].detach()) ** 2).mean(-1)[keep].sum() / keep.sum() for x in projected]
+    return torch.stack(per_pair).mean()
+
+
+def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
+    # A first_k hidden loss is a mean over the k tokens it keeps per sequence, whatever the response lengths; the
+    # step's denominator is the count of those tokens over all micro-batches.
+    first_2 = HiddenLossConfig(positions="first_k", k=2)
+    base = make_module()
+    roll = base.sample([f"What is {i} plus {i + 1}?" for i in range(8)], RolloutConfig(max_new_tokens=10), seed=0)
+    keep = (
+        torch.arange(roll.input_ids.shape[1]) < roll.prompt_length + torch.tensor([1, 9, 2, 10, 3, 4, 10, 5])[:, None]
+    )
+    roll.response_mask *= keep
+    roll.attention_mask *= keep
+    selected = _first_k_by_hand(roll.response_mask, 2)
+    assert selected.sum() < roll.response_mask.sum() / 2  # far fewer than the response tokens: the bug's factor
+
+    reference = DistillModule(**_specs(), hidden_loss=first_2)
+    _hidden_by_hand(reference, roll, selected).backward()
+    expected = [p.grad for p in reference.student.parameters() if p.grad is not None]
+    for micro, accumulate in ((8, 1), (4, 2)):
+        module = FixedRollouts(roll, micro, **_specs(), hidden_loss=first_2)
+        trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(
+            module, PromptDataModule(batch_size=micro)
+        )
+        for got, want in zip(module.grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+    # The logged hidden term is the same mean, with a hidden term alone and next to a token term (one micro-batch).
+    for token_loss in (None, TokenLossConfig()):
+        module = DistillModule(**_specs(), hidden_loss=first_2, token_loss=token_loss)
+        with torch.no_grad():
+            logged = module.distill(roll).metrics()["hidden"]
+            torch.testing.assert_close(logged, _hidden_by_hand(module, roll, selected), rtol=1e-5, atol=1e-8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -29,7 +31,7 @@ def fit_fails(capsys, *flags: str) -> str:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("oprd fit: error: ")]
-    assert len(errors) == 1, err
+    assert len(errors) == 1 and "Traceback" not in err, err
     return errors[0]
 
 
@@ -134,3 +136,105 @@ def test_help_puts_oprd_options_first_with_their_descriptions(capsys):
     assert model < trainer and text.index("--data.batch_size") < trainer
     for description in ("Learning rate of the student", "Nucleus sampling threshold", "Weights dtype"):
         assert description in text
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """A folder of bad inputs (the run's own outputs go there too, not into the repository)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("a regular file: nothing can be created under it, not even by root")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "word " * 200, "answer": "1"}) + "\n")
+    lines = [json.dumps({"prompt": f"What is {i} plus 1?", "answer": str(i + 1)}) for i in range(8)]
+    (tmp_path / "no-response.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "inf-lr.yaml").write_text("model:\n  optim: {lr: .inf}\n")
+    (tmp_path / "nan-weight.yaml").write_text("model:\n  hidden_weight: .nan\n")
+    (tmp_path / "nan-temperature.yaml").write_text("model:\n  rollout: {temperature: .nan}\n")
+    (tmp_path / "inf-temperature.yaml").write_text("model:\n  rollout: {temperature: .inf}\n")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # Outputs that cannot be written (a regular file as the parent folder stops root too).
+        (["--checkpoint.dirpath", "{tmp}/a-file/ckpts"], "--checkpoint.dirpath {tmp}/a-file/ckpts cannot be written"),
+        (
+            ["--trainer.logger.init_args.save_dir", "{tmp}/a-file/logs"],
+            "--trainer.logger.init_args.save_dir {tmp}/a-file/logs cannot be written",
+        ),
+        # Numbers out of range that Lightning or the first step would trip over.
+        (["--config", "{tmp}/inf-lr.yaml"], "model.optim.lr must be a finite number, got inf"),
+        (["--trainer.max_steps", "-5"], "--trainer.max_steps must be .* or -1 for no limit, got -5"),
+        (["--trainer.max_epochs", "-3"], "--trainer.max_epochs must be .* or -1 for no limit, got -3"),
+        (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be >= 1"),
+        (["--config", "{tmp}/nan-weight.yaml"], "model.hidden_weight must be >= 0 and finite, got nan"),
+        (["--config", "{tmp}/nan-temperature.yaml"], "model.rollout.temperature must be > 0 and finite"),
+        (["--config", "{tmp}/inf-temperature.yaml"], "model.rollout.temperature must be > 0 and finite"),
+        # Settings that contradict each other.
+        (["--model.balance", "true"], "model.balance: true .* there is no token term: set model.token_loss"),
+        (
+            ["--model.rollout.do_sample", "false", "--model.rollout.num_generations", "3"],
+            "model.rollout.num_generations must be 1 with do_sample: false",
+        ),
+        (["--model.student.keep_every", "0"], "model.student.keep_every must be at least 1"),
+        # Data the run would reach only part-way through.
+        (
+            ["--model.truncate_prompts", "false", "--data.train", "{tmp}/long.jsonl", "--data.val", "{tmp}/long.jsonl"],
+            "--model.truncate_prompts false: prompt 1 of {tmp}/long.jsonl .* more than --model.max_prompt_length 64",
+        ),
+        (
+            ["--model.rollout.lmbda", "0.5", "--data.train", "{tmp}/no-response.jsonl"],
+            '--model.rollout.lmbda 0.5 .* 8 of 8 prompts in {tmp}/no-response.jsonl have no "response"',
+        ),
+        # The reason a value is refused, not only the key.
+        (["--model.optim.lr", "-1e-3"], "model.optim.lr must be > 0, got -0.001"),
+        (["--model.optim.lr", "abc"], "--model.optim.lr expects a float, got 'abc'"),
+        (["--model.optim.lr", "nan"], "--model.optim.lr must be a finite number, got nan"),
+        (["--model.hidden_weight", "nan"], "--model.hidden_weight must be a finite number, got nan"),
+        (["--model.optim.projector_lr", "fast"], "--model.optim.projector_lr expects a float or null, got 'fast'"),
+        (["--model.optim.schedule", "linear"], "--model.optim.schedule expects one of cosine, constant"),
+        (["--ckpt_path", "{tmp}/checkpoints"], "--ckpt_path {tmp}/checkpoints is a folder .* holds last.ckpt"),
+    ],
+)
+def test_bad_input_is_named_in_one_line_before_any_model_loads(flags, message, inputs, capsys, no_weight_loading):
+    flags = [flag.format(tmp=inputs) for flag in flags]
+    assert re.search(message.format(tmp=re.escape(str(inputs))), fit_fails(capsys, *flags))
+
+
+def test_a_teacher_device_that_does_not_exist_is_refused(capsys, inputs, no_weight_loading):
+    device = f"cuda:{max(torch.cuda.device_count(), 1)}"  # one past the last GPU, with or without CUDA
+    line = fit_fails(capsys, "--model.teacher_device", device)
+    assert f"--model.teacher_device {device}: PyTorch sees" in line and "Drop --model.teacher_device" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the message shown without vLLM")
+def test_the_vllm_engine_without_vllm_is_refused(capsys, inputs, no_weight_loading):
+    assert "vllm needs vLLM: `pip install 'oprd[vllm]'`" in fit_fails(capsys, "--model.rollout.engine", "vllm")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  hidden_weight: 2.0\nmodel:\n  token_weight: 1.0\n", ":3:1: 'model' is given twice .* line 1"),
+        ("model:\n  optim: {lr: 1e-3\n  hidden_weight: 1\n", r":3:16: expected ',' or '}'"),
+        ("", " is empty: write settings by section"),
+        ("hello\n", r" holds a str \('hello'\), not settings"),
+        ("import os\nx = {'a': [1, 2}\n", ":2:"),  # a Python file given by mistake
+        (b"\x80\x81\x00PK", " is not a text file"),
+    ],
+)
+def test_a_config_file_that_is_not_settings_is_named_with_its_line(text, message, inputs, capsys, no_weight_loading):
+    config = inputs / "bad.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert re.search(f"--config {re.escape(str(config))}{message}", fit_fails(capsys, "--config", str(config)))
+
+
+def test_a_checkpoint_with_running_statistics_needs_its_hidden_loss(inputs, capsys, no_weight_loading):
+    # standardized_mse keeps the teacher's running moments in the checkpoint; a run with another loss cannot take them.
+    ckpt = inputs / "standardized.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"hidden_loss": {"kind": "standardized_mse"}}}, ckpt)
+    line = fit_fails(capsys, "--ckpt_path", str(ckpt))
+    assert "model.hidden_loss.kind = 'standardized_mse', and this run sets 'mse'" in line
+    assert "Set --model.hidden_loss.kind standardized_mse" in line

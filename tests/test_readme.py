@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from oprd.training.memory import KINDS
 from tests.conftest import ROOT
 
 OPRD = os.path.join(os.path.dirname(sys.executable), "oprd")
@@ -43,6 +44,15 @@ def on_tiny(command: str) -> list[str]:
     if words[1] == "fit" and "--help" not in words and "--print_config" not in words:
         words += ["--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false"]
     return words
+
+
+def test_the_readme_says_what_compares_memory_column_measures():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    section = text[text.index("`oprd compare` trains the same student") :]
+    section = section[: section.index("## ")]
+    for label in KINDS.values():  # the words the table's caption uses, so a reader can tell which one it is
+        assert f"`{label}`" in section
+    assert "above what was allocated when it began" in section and "not in it" in section
 
 
 def test_the_readme_shows_every_subcommand():

@@ -257,7 +257,7 @@ def test_config_validation(kwargs, match):
 def test_model_logit_transforms_fill_unset_fields_only():
     from types import SimpleNamespace
 
-    from oprd.losses.token import with_model_logit_transforms
+    from oprd.objective.objective import with_model_logit_transforms
 
     gemma = SimpleNamespace(final_logit_softcapping=30.0, logit_scale=None)
     mine = TokenLossConfig()

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from oprd.data import PromptDataModule
-from oprd.models import ModelSpec, load_config, load_model
+from oprd.models import ModelSpec, load_config, load_model, tiny_tokenizer
 from oprd.models.width import WidthPrune, importance, kept_heads, prune_width, width_pruned_config
 from tests.conftest import TEACHER, make_module, tiny_llama, tiny_qwen3, trainer
 
@@ -96,3 +96,31 @@ def test_a_width_pruned_student_distils_through_linear_projectors(tmp_path):
     rebuilt = load_model(student, load_config(student, 384), module.pair.tokenizer)  # the same choice every time
     fresh = make_module(student=student, layer_map="pruned").student
     assert torch.equal(rebuilt.model.embed_tokens.weight, fresh.model.embed_tokens.weight)
+
+
+def test_width_pruning_calibrates_on_the_runs_own_training_prompts(tmp_path, monkeypatch):
+    # With data.seed 1 the built-in task holds out other prompts than with the default seed: calibration must follow.
+    import oprd.models.spec
+    from oprd.cli.main import build_cli
+    from tests.conftest import ROOT
+
+    seen: list[str] = []
+
+    def recording(model, input_ids, attention_mask):
+        texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        seen.extend(text.split("\n")[1] for text in texts)  # "user\n<prompt>\nassistant\n" (the chat template)
+        return importance(model, input_ids, attention_mask)
+
+    tokenizer = tiny_tokenizer()
+    monkeypatch.setattr(oprd.models.spec, "importance", recording)
+    width = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    cli = build_cli([
+        "--config", str(ROOT / "configs/tiny.yaml"), "--data.seed", "1", "--data.num_val", "150",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        *(arg for key, value in width.items() for arg in (f"--model.student.width.{key}", str(value))),
+    ])  # fmt: skip
+    assert cli.model.student.config.hidden_size == 16
+    data = PromptDataModule(seed=1, num_val=150)
+    data.setup("fit")
+    assert seen == [item["prompt"] for item in data.train_items[:32]]
+    assert not set(seen) & {item["prompt"] for item in data.val_items}

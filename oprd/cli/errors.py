@@ -14,7 +14,7 @@ import typing
 import lightning as L
 
 USER_ERRORS = (
-    ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, ChildProcessError,
+    ValueError, FileExistsError, FileNotFoundError, ImportError, FloatingPointError, ChildProcessError, ConnectionError,
     argparse.ArgumentError,
 )  # fmt: skip
 """Errors that describe bad input, a diverged run or a run the system killed (their messages say what to do); anything
@@ -71,11 +71,53 @@ def summary(message: str) -> str:
     lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
     if not lines:
         return "failed"
+    parsed = _wrong_value(lines)
+    if parsed is not None:
+        return parsed
     detail = next((line for line in lines[1:] if line.startswith("- Problem with")), None)
     if detail is not None:
         following = lines[lines.index(detail) + 1 : lines.index(detail) + 2]
         return " ".join([lines[0], detail.removeprefix("- "), *following])
     return lines[0]
+
+
+PARSER_KEY = re.compile(r'^Parser key "([\w.]+)":\s*(.*)$')
+EXPECTED = re.compile(r"Expected an? (<class '(\w+)'>|typing\.Literal\[(.*?)\]|[^.]+?)(?:\. Got value: (.*))?$")
+GIVEN = re.compile(r"^(?:Got|Given) value: (.*)$")
+
+
+def _wrong_value(lines: list[str]) -> str | None:
+    """`--model.optim.lr expects a float, got 'abc'` for jsonargparse's `Parser key "model.optim.lr":` message, whose
+    reason is on the following lines (types per line for a union, the value on the last)."""
+    first = PARSER_KEY.match(lines[0])
+    if first is None:
+        return None
+    key, rest = first.groups()
+    expected, value = [], None
+    for line in [rest, *lines[1:]]:
+        line = line.removeprefix("- ")
+        found = EXPECTED.search(line)
+        if found is not None:
+            whole, name, literal, got = found.groups()
+            expected.append(_type_name(whole, name, literal))
+            value = got if got is not None else value
+        given = GIVEN.match(line)
+        if given is not None:
+            value = given.group(1)
+    if not expected:
+        return " ".join(lines[:2]) if len(lines) > 1 else lines[0]
+    if "a float" in expected and value is not None and value.strip().lower().lstrip("+-.") in ("nan", "inf"):
+        return f"--{key} must be a finite number, got {value}."
+    shown = f", got {value!r}" if value is not None else ""
+    return f"--{key} expects {' or '.join(dict.fromkeys(expected))}{shown}."
+
+
+def _type_name(whole: str, name: str | None, literal: str | None) -> str:
+    if literal is not None:
+        return f"one of {literal.replace(chr(39), '')}"
+    if name is not None:
+        return "null" if name == "NoneType" else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    return f"a {whole}"
 
 
 def report(error: BaseException, command: str) -> None:

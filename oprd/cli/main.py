@@ -13,9 +13,11 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from oprd.cli import errors, preflight
+from oprd.cli import arguments, errors, preflight
 from oprd.cli.compare import compare_main
+from oprd.cli.links import calibrate_on_training_prompts
 from oprd.data import PromptDataModule
+from oprd.evaluation.predictions import output_path
 from oprd.export import DESCRIPTION as EXPORT_DESCRIPTION
 from oprd.export import export_main
 from oprd.module import DistillModule
@@ -73,13 +75,14 @@ class OprdCLI(LightningCLI):
             for key in taken:
                 config.model[key] = saved[key]
         preflight.check_config(subcommand, config)
+        calibrate_on_training_prompts(config)
         root = config.trainer.default_root_dir or os.getcwd()
         # One folder for every run's checkpoints, so `--ckpt_path last` finds the previous run's `last.ckpt`
         # (Lightning's default is the logger's version folder, which changes on every run).
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if self.subcommand == "predict":
-            writer = {"path": os.path.join(root, "predictions.jsonl")}
+            writer = {"path": str(output_path(root, config.data.train, config.data.val))}
             callback = Namespace(class_path="oprd.evaluation.predictions.JSONLWriter", init_args=Namespace(writer))
             config.trainer.callbacks = [*(config.trainer.callbacks or []), callback]
 
@@ -146,7 +149,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_startup()
     argv = sys.argv[1:] if args is None else list(args)
     debug = "--debug" in argv or bool(os.environ.get("OPRD_DEBUG"))
-    argv = [arg for arg in argv if arg != "--debug"]
+    argv = arguments.join_negative_numbers([arg for arg in argv if arg != "--debug"])
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the command line itself (and DDP re-launches it)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
@@ -157,6 +160,7 @@ def main(args: list[str] | None = None) -> None:
         if command == "compare":
             compare_main(argv[1:])
             return
+        arguments.check_config_files(argv)
         # A short usage line: the options follow, oprd's (model, data) first, each with its description.
         usage = "%(prog)s [--config CONFIG.yaml ...] [--model.* / --data.* / --trainer.* options]"
         parser_kwargs = {sub: {"exit_on_error": False, "usage": usage} for sub in SUBCOMMANDS}

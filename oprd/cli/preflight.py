@@ -6,6 +6,7 @@ output folder that cannot be written should not wait for it. Everything here rea
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -17,23 +18,38 @@ from typing import Any
 
 import torch
 
-from oprd.data import NO_HELDOUT, PromptDataModule, check_sources, heldout_source
+from oprd.data import NO_HELDOUT, PromptDataModule, check_sources, format_prompts, heldout_source, load_prompts
 from oprd.hparams import from_plain, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
+from oprd.models.tokenizers import pair_tokenizer
 from oprd.module import DistillModule
 from oprd.rollout.engine import check_strategy
+from oprd.rollout.vllm import NO_VLLM
 from oprd.training.checkpoint import load_checkpoint
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 """`--ckpt_path` values Lightning resolves itself (`last`: the newest `last*.ckpt` in the checkpoint folder)."""
 FIXED_BY_CHECKPOINT = ("teacher", "student", "tokenizer", "layer_map", "projector", "bridge")
 """Model settings a checkpoint fixes (its weights only fit them); every other model setting is the run's own."""
+STATEFUL_SETTINGS = {
+    ("hidden_loss", "kind", "standardized_mse"): "the teacher's running moments",
+    ("hidden_loss", "layer_weights", "learned"): "the learned layer weights",
+}
+"""Settings whose state is saved in a checkpoint: a run from it must keep them (or the state would not load)."""
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
     """A checkpoint file given by path exists and is one `oprd fit` wrote (checked before Lightning reads it)."""
     if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry:"):
         return
+    if os.path.isdir(ckpt_path):
+        found = sorted(path.name for path in Path(ckpt_path).glob("*.ckpt"))
+        inside = f"it holds {', '.join(found[:3])}" if found else "it holds no .ckpt file"
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a folder ({inside}): give one checkpoint file, e.g. --ckpt_path "
+            f"{Path(ckpt_path) / (found[0] if found else 'last.ckpt')}, or --ckpt_path last for the newest one in "
+            "--checkpoint.dirpath."
+        )
     load_checkpoint(ckpt_path)
 
 
@@ -50,10 +66,14 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
     Raises:
         ValueError: a fixed setting the run sets explicitly to another value than the checkpoint's, naming both.
     """
+    check_stateful_settings(given, saved, ckpt_path)
     defaults = inspect.signature(DistillModule.__init__).parameters
     taken = []
     for key in FIXED_BY_CHECKPOINT:
         if key not in saved or _canonical(key, given.get(key)) == _canonical(key, saved[key]):
+            continue
+        if _chosen_by_the_checkpoint(given.get(key), saved[key]):
+            taken.append(key)  # its layers were chosen by importance when the checkpoint's run started
             continue
         default = defaults[key].default
         if default is not inspect.Parameter.empty and _canonical(key, given.get(key)) == _canonical(key, default):
@@ -68,6 +88,38 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
     return taken
 
 
+def _chosen_by_the_checkpoint(given: Any, saved: Any) -> bool:
+    """A model spec that asks for layers chosen by importance (`depth`, no `keep_layers`), and the checkpoint's spec,
+    which is the same with the layers it chose: the run continues with those, it does not rank them again."""
+    if not (isinstance(given, dict) and isinstance(saved, dict)):
+        return False
+    if given.get("depth") is None or given.get("keep_layers") is not None or saved.get("keep_layers") is None:
+        return False
+    if json.dumps(given["depth"], sort_keys=True, default=str) != json.dumps(saved.get("depth"), sort_keys=True):
+        return False
+    return _canonical("student", {**given, "keep_layers": saved["keep_layers"]}) == _canonical("student", saved)
+
+
+def check_stateful_settings(given: dict[str, Any], saved: dict[str, Any], ckpt_path: str) -> None:
+    """A run from a checkpoint keeps the settings whose state the checkpoint holds (`STATEFUL_SETTINGS`), and does not
+    switch one on that the checkpoint has no state for.
+
+    Raises:
+        ValueError: naming the flag and the checkpoint's value of it.
+    """
+    for (section, name, value), state in STATEFUL_SETTINGS.items():
+        was = (to_plain(saved.get(section)) or {}).get(name)
+        now = (to_plain(given.get(section)) or {}).get(name)
+        if was is None or now is None or (was == value) == (now == value):
+            continue
+        flag = f"--model.{section}.{name}"
+        fix = f"{flag} {was}" if was == value else f"{flag} {was} (the checkpoint's)"
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was trained with model.{section}.{name} = {was!r}, and this run sets {now!r}: "
+            f"{state} of {value!r} cannot be carried over. Set {fix}, or start a fresh run without --ckpt_path."
+        )
+
+
 def _canonical(key: str, value: Any) -> str:
     if key in ("teacher", "student") and value is not None:
         value = to_plain(from_plain(ModelSpec, value))
@@ -79,28 +131,124 @@ def _show(value: Any) -> str:
 
 
 def check_config(subcommand: str, config) -> None:
-    """Every check that needs no model: model and data settings, held-out prompts, prompt files, device, output folder.
+    """Every check that needs no model: model, data and Trainer settings, held-out prompts, prompt files (their
+    responses and lengths, where the settings need them), devices, the rollout engine, and the output folders.
 
     Args:
         subcommand: `fit`, `validate`, `test` or `predict`.
         config: the subcommand's parsed config (a jsonargparse Namespace).
     """
-    model = config.model.as_dict()
-    rollout = typed_model_args(model).get("rollout")
-    check_strategy(rollout.engine if rollout is not None else "hf", config.trainer.strategy)
+    model = typed_model_args(config.model.as_dict())
+    check_strategy(model["rollout"].engine, config.trainer.strategy)
     data = config.data.as_dict()
     PromptDataModule(**data)
     if subcommand != "fit" and heldout_source(data["train"], data["val"]) is None:
         raise ValueError(NO_HELDOUT.format(stage=subcommand))
     train = data["train"] if subcommand == "fit" else None
     check_sources(train, data["val"], seed=data["seed"], num_val=data["num_val"])
-    accelerator = config.trainer.accelerator
+    check_trainer(config.trainer)
+    check_devices(config.trainer.accelerator, model.get("teacher_device"))
+    if model["rollout"].engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ImportError(NO_VLLM)
+    if subcommand == "fit":
+        check_off_policy_responses(model["rollout"], data)
+    if not model.get("truncate_prompts", True):
+        sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
+        check_prompt_lengths(model, [(source, split) for source, split in sources if source is not None], data)
+    check_writable(config.trainer.default_root_dir or os.getcwd(), "--trainer.default_root_dir")
+    if subcommand == "fit" and config.checkpoint.dirpath is not None:
+        check_writable(config.checkpoint.dirpath, "--checkpoint.dirpath")
+    for folder in logger_folders(config.trainer.logger):
+        check_writable(folder, "--trainer.logger.init_args.save_dir")
+
+
+def check_trainer(trainer) -> None:
+    """The Trainer's step and epoch limits and gradient accumulation are in range (Lightning checks them only after
+    the models have loaded, or not at all: `accumulate_grad_batches: 0` divides by zero at the first step)."""
+    for name in ("max_steps", "max_epochs"):
+        value = trainer.get(name)
+        if value is not None and value < -1:
+            what = "optimizer steps" if name == "max_steps" else "epochs"
+            raise ValueError(f"--trainer.{name} must be a number of {what} (>= 0) or -1 for no limit, got {value}.")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and accumulate < 1:
+        raise ValueError(
+            f"--trainer.accumulate_grad_batches must be >= 1 (micro-batches per optimizer step; 1 accumulates "
+            f"nothing), got {accumulate}."
+        )
+
+
+def check_devices(accelerator, teacher_device: str | None) -> None:
+    """The accelerator and the teacher's device exist on this machine."""
     if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"--trainer.accelerator {accelerator}: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is "
             "False). Use --trainer.accelerator cpu, or auto to take a GPU when there is one."
         )
-    check_writable(config.trainer.default_root_dir or os.getcwd(), "--trainer.default_root_dir")
+    if teacher_device is None or torch.device(teacher_device).type != "cuda":
+        return
+    index, count = torch.device(teacher_device).index or 0, torch.cuda.device_count()
+    if index >= count:
+        seen = f"PyTorch sees {count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "PyTorch sees no CUDA GPU"
+        raise ValueError(
+            f"--model.teacher_device {teacher_device}: {seen}. Drop --model.teacher_device (the teacher then shares "
+            "the student's device), or name a device that exists."
+        )
+
+
+def check_off_policy_responses(rollout, data: dict[str, Any]) -> None:
+    """When some step is off-policy (`rollout.lmbda` or `lmbda_start` < 1) and not `seq_kd`, off-policy steps read
+    each training prompt's `response`."""
+    if not rollout.mixes or rollout.seq_kd:
+        return
+    items = load_prompts(data["train"], "train", seed=data["seed"], num_val=data["num_val"])
+    missing = sum(item.get("response") is None for item in items)
+    if missing:
+        raise ValueError(
+            f"--model.rollout.lmbda {rollout.lmbda} takes off-policy responses from the data, and {missing} of "
+            f'{len(items)} prompts in {data["train"]} have no "response": add one to every line, or set '
+            "--model.rollout.seq_kd true to sample them from the teacher."
+        )
+
+
+def check_prompt_lengths(
+    model: dict[str, Any], sources: list[tuple[str, str]], data: dict[str, Any], chunk: int = 256
+) -> None:
+    """With `truncate_prompts: false`, every prompt fits `max_prompt_length` tokens (only the tokenizer loads for
+    this; otherwise the first over-long prompt stops the run part-way through training).
+
+    Args:
+        sources: (prompt source, split) pairs, as `load_prompts` takes them.
+    """
+    tokenizer = pair_tokenizer(model.get("tokenizer"), model["teacher"], model["student"])
+    limit = model.get("max_prompt_length", 512)
+    for source, split in sources:
+        items = load_prompts(source, split, seed=data["seed"], num_val=data["num_val"])
+        prompts = [item["prompt"] for item in items]
+        for start in range(0, len(prompts), chunk):
+            lengths = format_prompts(tokenizer, prompts[start : start + chunk])["attention_mask"].sum(dim=1)
+            longest = int(lengths.max())
+            if longest > limit:
+                number = start + int(lengths.argmax()) + 1
+                raise ValueError(
+                    f"--model.truncate_prompts false: prompt {number} of {source} ({split}) has {longest} tokens, "
+                    f"more than --model.max_prompt_length {limit}. Shorten it, raise --model.max_prompt_length, or set "
+                    "--model.truncate_prompts true (long prompts are then cut from the left)."
+                )
+
+
+def logger_folders(logger) -> list[str]:
+    """The folders the configured logger(s) write to (`save_dir`, or wandb's `dir`), where the config names them."""
+    loggers = logger if isinstance(logger, list) else [logger]
+    folders = []
+    for entry in loggers:
+        init_args = entry.get("init_args") if hasattr(entry, "get") else None
+        if init_args is None:
+            continue
+        folder = init_args.get("save_dir") or init_args.get("dir")
+        if folder:
+            folders.append(str(folder))
+    return folders
 
 
 def check_writable(folder: str | Path, flag: str) -> None:

@@ -22,7 +22,8 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     title = "oprd compare: held-out test split, each objective at the learning rate chosen on the selection split"
     if summary["one_shared_learning_rate"]:
         title = "oprd compare: held-out test split, every objective at one shared learning rate (not tuned)"
-    table = Table(title=title, caption=f"lr chosen by {summary['select']} on the selection split; " + _legend())
+    legend = _legend(memory_label(result))
+    table = Table(title=title, caption=f"lr chosen by {summary['select']} on the selection split; " + legend)
     for column in ["objective", "lr", "steps", *HEADERS.values(), "s/step", "MiB"]:
         table.add_column(column, justify="left" if column == "objective" else "right")
     for objective, entry in chosen.items():
@@ -55,10 +56,18 @@ HEADERS = {
 }
 
 
-def _legend() -> str:
+def memory_label(result: dict[str, Any]) -> str:
+    """What the memory figures of a comparison are (`oprd.training.memory.KINDS`), as measured by its runs."""
+    kinds = sorted({run["memory"] for run in result.get("runs", []) if run.get("memory")})
+    return " / ".join(kinds) or "update peak (not measured)"
+
+
+def _legend(memory: str) -> str:
     return (
         "KL: teacher-scored reverse KL per token; acc: accuracy; rep: repetition; dist4: distinct-4; cos: cosine to "
-        "the teacher; len: response tokens; s/step: update seconds; MiB: update memory (CPU: saved for backward)."
+        "the teacher; len: response tokens; s/step: update seconds per optimizer step; MiB: "
+        f"{memory}, the peak allocated during one step's update above the memory allocated when it began (weights, "
+        "optimizer state and rollout not included)."
     )
 
 
@@ -83,7 +92,7 @@ def write_json(result: dict[str, Any], path: Path) -> Path:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Held-out KL and accuracy vs step and vs training seconds, per run; update memory per objective."""
+    """Held-out KL and accuracy vs step and vs training seconds, per run; update peak memory per objective."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +120,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=6)
     names = list(chosen)
     axes[-1].bar(names, [chosen[n]["update_mib"] or 0 for n in names], color="tab:purple")
-    axes[-1].set_title("update memory (MiB; CPU: saved for backward)", fontsize=9)
+    axes[-1].set_title(f"MiB: {memory_label(result)}", fontsize=9)
     axes[-1].tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

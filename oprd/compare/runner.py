@@ -107,6 +107,12 @@ def run_name(objective: str, lr: float | None) -> str:
     return objective if lr is None else f"{objective}-lr{lr:g}"
 
 
+def progress_name(settings: CompareSettings, objective: str, lr: float | None) -> str:
+    """`run 2 of 4: oprd-lr0.003`, as progress lines name a run."""
+    runs = [(o, rate) for o in settings.objectives for rate in learning_rates(settings, o)]
+    return f"run {runs.index((objective, lr)) + 1} of {len(runs)}: {run_name(objective, lr)}"
+
+
 def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> list[str]:
     """The `fit` arguments of one run."""
     args = [word for config in settings.configs for word in ("--config", config)]
@@ -170,6 +176,7 @@ def run_one(settings: CompareSettings, objective: str, lr: float | None):
         hp.val_batch_size,
         budget_s=settings.time_s if settings.budget == "time" else None,
         final_only=final,
+        name=progress_name(settings, objective, lr),
     )
     cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, DistillReport)] + [probe]
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -188,7 +195,7 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
     progress.write_text("")
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
-            log.info("compare: %s", run_name(objective, lr))
+            log.info("compare: %s", progress_name(settings, objective, lr))
             probe_rows, summary = run_isolated(settings, objective, lr)
             rows += [{"objective": objective, "lr": lr, **row} for row in probe_rows]
             runs.append({"objective": objective, "lr": lr, **summary})

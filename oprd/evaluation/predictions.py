@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 log = logging.getLogger(__name__)
+
+
+def output_path(root: str | Path, *inputs: str | None) -> Path:
+    """Where `oprd predict` writes: `<root>/predictions.jsonl` (`predictions.rank<N>.jsonl` with several processes).
+
+    Args:
+        root: the run's folder (`trainer.default_root_dir`).
+        inputs: the data's prompt sources (`data.train`, `data.val`); built-in names and None are not files.
+
+    Raises:
+        ValueError: a prompt file is one that predict would write, so the run would replace the prompts it reads.
+    """
+    path = Path(root) / "predictions.jsonl"
+    for source in inputs:
+        if source is None or not Path(source).is_file():
+            continue
+        given = Path(source).resolve()
+        written = given.name == path.name or re.fullmatch(r"predictions\.rank\d+\.jsonl", given.name)
+        if written and given.parent == path.resolve().parent:
+            raise ValueError(
+                f"The prompt file {source} is where `oprd predict` writes its responses ({path}, one file per "
+                "process: predictions[.rank<N>].jsonl) and would be overwritten: rename or move the prompt file, or "
+                "set --trainer.default_root_dir to another folder."
+            )
+    return path
 
 
 class JSONLWriter(BasePredictionWriter):

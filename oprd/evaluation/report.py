@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
-from oprd.evaluation.scoring import score
+from oprd.evaluation.scoring import mean_over_batches, score
 from oprd.export import export_student
 
 log = logging.getLogger(__name__)
@@ -97,27 +97,32 @@ class DistillReport(L.Callback):
         return items[: self.num_prompts]
 
     def _score(self, module, items, responder: str, per_row: bool = False):
-        totals: dict[str, float] = {}
+        batches: list[tuple[dict[str, Any], int]] = []
         rows: list[dict[str, Any]] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             metrics, chunk_rows = score(
                 module, [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
             )
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * len(chunk)
+            batches.append((metrics, len(chunk)))
             rows += chunk_rows
-        return {name: value / len(items) for name, value in totals.items()}, rows
+        return mean_over_batches(batches), rows
 
-    def on_fit_start(self, trainer, module) -> None:
+    def on_train_start(self, trainer, module) -> None:
+        # Scored where training starts (a resumed run's weights and Bridge restored), with the Bridge calibrated: an
+        # uncalibrated one scores cosine 0 and hidden 1 whatever the student, which is not the student that trains.
+        module.calibrate()
         if trainer.is_global_zero:
-            items = self._items(trainer)
-            console = Console()
-            console.print(f"Scoring the teacher and the untrained student on {len(items)} held-out prompts...")
-            self.results["teacher"] = self._score(module, items, "teacher")
-            self.results["before"] = self._score(module, items, "student", per_row=True)
-            before = self.results["before"][0]
-            console.print(f"  student before: {_brief(before)}; teacher: {_brief(self.results['teacher'][0])}")
+            self._score_start(trainer, module)
+
+    def _score_start(self, trainer, module) -> None:
+        items = self._items(trainer)
+        console = Console()
+        console.print(f"Scoring the teacher and the untrained student on {len(items)} held-out prompts...")
+        self.results["teacher"] = self._score(module, items, "teacher")
+        self.results["before"] = self._score(module, items, "student", per_row=True)
+        before = self.results["before"][0]
+        console.print(f"  student before: {_brief(before)}; teacher: {_brief(self.results['teacher'][0])}")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -140,6 +145,8 @@ class DistillReport(L.Callback):
     def on_fit_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
             return
+        if "before" not in self.results:  # no step to take (a finished run resumed): training never started
+            self._score_start(trainer, module)
         Console().print("Scoring the distilled student...")
         self.results["after"] = self._score(module, self._items(trainer), "student", per_row=True)
         exported = None

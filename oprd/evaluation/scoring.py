@@ -24,6 +24,9 @@ from oprd.models.capture import NORM
 Responder = Literal["student", "teacher"]
 
 
+ANSWERED = "answered"
+"""The metric counting a batch's prompts with a reference answer: accuracy metrics are means over those alone."""
+
 EVAL_SEED = 20_240_601
 """Seed of the sampled evaluation: every model and checkpoint is scored on the same draws."""
 
@@ -41,6 +44,31 @@ def sampled_accuracy(module, prompts: list[str], answers: list[str], k: int) -> 
     return {f"accuracy_avg@{k}": per_prompt.mean(), f"accuracy_best@{k}": per_prompt.amax(dim=1).mean()}
 
 
+def is_answer_metric(name: str) -> bool:
+    """Whether metric `name` is a mean over the answered prompts only (accuracy and its sampled variants)."""
+    return name == "accuracy" or name.startswith("accuracy_")
+
+
+def prompts_covered(metrics: dict[str, Tensor | float], batch_size: int) -> dict[str, int]:
+    """How many prompts each of `score`'s batch metrics is a mean over: the answered ones for accuracy, every prompt
+    of the batch for the others (`answered` itself is a count, to be summed)."""
+    answered = int(metrics[ANSWERED]) if ANSWERED in metrics else batch_size
+    return {name: answered if is_answer_metric(name) else batch_size for name in metrics}
+
+
+def mean_over_batches(batches: list[tuple[dict[str, Tensor | float], int]]) -> dict[str, float]:
+    """`score`'s metrics of several batches `(metrics, batch size)` as one: each metric weighted by the prompts it
+    covers (a batch without answers adds nothing to accuracy), `answered` summed."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for metrics, batch_size in batches:
+        for name, count in prompts_covered(metrics, batch_size).items():
+            weight = 1 if name == ANSWERED else count
+            sums[name] = sums.get(name, 0.0) + float(metrics[name]) * weight
+            counts[name] = counts.get(name, 0) + count
+    return {name: value if name == ANSWERED else value / counts[name] for name, value in sums.items() if counts[name]}
+
+
 @torch.no_grad()
 def score(
     module, prompts: list[str], answers: list[str | None], responder: Responder = "student", per_row: bool = False
@@ -53,7 +81,9 @@ def score(
         per_row: also compute each response's own reverse KL (for sample tables).
 
     Returns:
-        batch metrics (`reverse_kl`, `hidden`, `cos/<pair>`, `accuracy`, ...) and one dict per response.
+        batch metrics (`reverse_kl`, `hidden`, `cos/<pair>`, `accuracy`, `answered`, ...) and one dict per
+        response. `accuracy` (and `accuracy_avg@k`, `accuracy_best@k`) are over the `answered` prompts only (absent
+        when there are none); `prompts_covered` says how many prompts each metric averages.
     """
     model = module.pair.teacher if responder == "teacher" else None
     roll = module.sample(prompts, module.rollout_cfg.greedy(module.hparams.val_max_new_tokens), model=model)
@@ -62,7 +92,7 @@ def score(
     if responder != "teacher":
         student, teacher = module.states(roll, head=True)
         terms = module.objective(student, teacher, roll, module.pair.heads(), module.objective.eval_kl)
-        values = terms.metrics(roll.response_mask.sum())
+        values = terms.metrics()
         metrics["reverse_kl"] = values["token_kl"]
         if module.objective.pairs:
             metrics["hidden"] = values["hidden"]
@@ -72,10 +102,14 @@ def score(
     metrics["response_length"] = roll.response_lengths.float().mean()
     metrics["distinct_4"] = torch.tensor(distinct_n(texts, 4))
     metrics["repetition"] = torch.tensor(sum(repetition_rate(t, 4) for t in texts) / len(texts))
-    if all(a is not None for a in answers):
-        metrics["accuracy"] = torch.tensor(accuracy(texts, answers))
+    # Accuracy is over the prompts that have an answer; `answered` says how many that was.
+    answered = [i for i, answer in enumerate(answers) if answer is not None]
+    metrics[ANSWERED] = torch.tensor(float(len(answered)))
+    if answered:
+        metrics["accuracy"] = torch.tensor(accuracy([texts[i] for i in answered], [answers[i] for i in answered]))
         if module.hparams.eval_samples and responder != "teacher":
-            metrics.update(sampled_accuracy(module, prompts, answers, module.hparams.eval_samples))
+            k = module.hparams.eval_samples
+            metrics.update(sampled_accuracy(module, [prompts[i] for i in answered], [answers[i] for i in answered], k))
     rows = [
         {"prompt": p, "response": t, "answer": a, "correct": is_correct(t, a)}
         for p, t, a in zip(prompts, texts, answers, strict=True)

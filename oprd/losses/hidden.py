@@ -5,9 +5,10 @@ Shape legend:
     t  tokens (positions in the concatenated prompt + response)
     d  hidden width (of the teacher after projection)
 
-Every loss here returns the *sum* over selected tokens; the caller divides by the response-token count of the
+Every loss here returns the *sum* over selected tokens; the caller divides by the count of those tokens over the
 whole optimizer step (all micro-batches, all ranks), so that gradient accumulation and data parallelism do not change
-the objective. `masked_mean` exists for logging and for callers that know their denominator up front.
+the objective, and a `first_k` / `last_k` term does not shrink as responses grow. `masked_mean` exists for logging
+and for callers that know their denominator up front.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class HiddenLossConfig:
     """`mse` (OPRD's per-dimension squared error), `cosine` (1 - cos), `normalized_mse` (OPRD-Bridge) or
     `standardized_mse` (each dimension's error over the teacher's running standard deviation in it)."""
     positions: Positions = "all"
-    """Which response positions count: `all`, the first k (`first_k`) or the last k (`last_k`)."""
+    """Which response positions count: `all`, the first k (`first_k`) or the last k (`last_k`); the term is a mean
+    over the tokens selected."""
     k: int = 1
     """k for `first_k` / `last_k`."""
     layer_weights: LayerWeights = "uniform"
@@ -143,7 +145,7 @@ def hidden_loss_sums(
         stds: pair label -> `[d]` teacher standard deviations (`standardized_mse` only).
 
     Returns:
-        pair label -> scalar sum (divide by the step's token count, then average over pairs).
+        pair label -> scalar sum (divide by the step's count of selected tokens, then average over pairs).
     """
     keep = select_positions(mask, config.positions, config.k)
     if config.kind == "standardized_mse":

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from oprd.models.depth import DepthPrune, block_influence, most_influential
 from oprd.models.layers import pruned_config
 from oprd.models.lora import LoraSettings, add_lora
 from oprd.models.prune import check_keep_layers, every_kth, prune_layers
@@ -43,7 +44,11 @@ class ModelSpec:
     keep_every: int | None = None
     """Depth-prune: keep every k-th decoder layer (0, k, 2k, ...); pair with `layer_map: pruned`."""
     width: WidthPrune | None = None
-    """Width-prune: fewer hidden channels, attention heads or MLP neurons, ranked by activation (Minitron)."""
+    """Width-prune: fewer hidden channels, attention heads or MLP neurons, ranked by activation (Minitron); applied
+    after depth pruning."""
+    depth: DepthPrune | None = None
+    """Depth-prune by importance: keep the `num_layers` decoder layers of highest block influence on calibration
+    prompts (ShortGPT); the chosen layers are written to `keep_layers` (logged, and saved with the run)."""
     lora: LoraSettings | None = None
     """Train a LoRA adapter (peft) instead of every weight: only the adapter is trained and checkpointed."""
     layers_path: str | None = None
@@ -60,8 +65,19 @@ class ModelSpec:
             raise ValueError("A model built from `config` needs `model_type` (e.g. llama, qwen3, mistral).")
         if self.keep_layers is not None and self.keep_every is not None:
             raise ValueError("Give `keep_layers` or `keep_every`, not both.")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be at least 1 (2 keeps every other layer), got {self.keep_every}.")
         if isinstance(self.width, dict):  # the YAML round-trip of a checkpoint's hyper-parameters
             self.width = WidthPrune(**self.width)
+        if isinstance(self.depth, dict):
+            self.depth = DepthPrune(**self.depth)
+        if self.depth is not None and self.keep_every is not None:
+            raise ValueError("Give `depth` (layers chosen by importance) or `keep_every`, not both.")
+        if self.depth is not None and self.keep_layers is not None and len(self.keep_layers) != self.depth.num_layers:
+            raise ValueError(
+                f"keep_layers holds {len(self.keep_layers)} layers but depth.num_layers is {self.depth.num_layers}: "
+                "drop keep_layers to choose them by importance again."
+            )
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
 
@@ -142,10 +158,10 @@ def load_model(spec: ModelSpec, config: PretrainedConfig, tokenizer=None) -> tor
         model = AutoModelForCausalLM.from_pretrained(
             local_path(spec), config=full_config, dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
-    if spec.width is not None:
-        model = _prune_width(model, spec, tokenizer)
     if keep is not None:
         model = prune_layers(model, keep, spec.layers_path)
+    if spec.width is not None:  # ranked on the layers the model keeps
+        model = _prune_width(model, spec, tokenizer)
     if spec.lora is not None:
         model = add_lora(model, spec.lora, spec.seed)
     log.info("Loaded %s (%.1fM parameters)", spec.describe(), sum(p.numel() for p in model.parameters()) / 1e6)
@@ -153,17 +169,48 @@ def load_model(spec: ModelSpec, config: PretrainedConfig, tokenizer=None) -> tor
 
 
 def _unpruned(spec: ModelSpec) -> ModelSpec:
-    return dataclasses.replace(spec, keep_layers=None, keep_every=None, width=None)
+    return dataclasses.replace(spec, keep_layers=None, keep_every=None, width=None, depth=None)
+
+
+def choose_depth(spec: ModelSpec, tokenizer) -> ModelSpec:
+    """`spec` with the layers its `depth` asks for chosen: ranked by block influence on the unpruned model over the
+    calibration prompts, written to `keep_layers`. A spec without `depth`, or whose layers are already chosen (a
+    resumed run's), is returned as it is."""
+    from oprd.data import format_prompts
+
+    if spec.depth is None or spec.keep_layers is not None:
+        return spec
+    full = _unpruned(spec)
+    model = load_model(full, load_config(full, len(tokenizer)), tokenizer)
+    batch = format_prompts(tokenizer, calibration_prompts(spec.depth))
+    scores = block_influence(model, batch["input_ids"], batch["attention_mask"], spec.layers_path)
+    keep = most_influential(scores, spec.depth.num_layers)
+    del model
+    log.info(
+        "Depth pruning %s by block influence on %d calibration prompts: keeps layers %s of %d (influence %s).",
+        spec.describe(), len(batch["input_ids"]), keep, len(scores), [round(float(s), 3) for s in scores],
+    )  # fmt: skip
+    return dataclasses.replace(spec, keep_layers=keep)
+
+
+def calibration_prompts(width: WidthPrune | DepthPrune) -> list[str]:
+    """The prompts whose activations rank what width (or depth) pruning keeps: the first `calibration_prompts` of the
+    training split of `calibration` (Minitron calibrates on training data; held-out prompts must stay unseen)."""
+    from oprd.data import load_prompts
+
+    seed = 0 if width.calibration_seed is None else width.calibration_seed
+    num_val = 100 if width.calibration_num_val is None else width.calibration_num_val
+    items = load_prompts(width.calibration or "arithmetic", "train", seed=seed, num_val=num_val)
+    return [item["prompt"] for item in items[: width.calibration_prompts]]
 
 
 def _prune_width(model: torch.nn.Module, spec: ModelSpec, tokenizer) -> torch.nn.Module:
     """Rank channels, heads and neurons on the calibration prompts, then keep the most important."""
-    from oprd.data import format_prompts, load_prompts
+    from oprd.data import format_prompts
 
     if tokenizer is None:
         raise ValueError("Width pruning needs a tokenizer for its calibration prompts.")
-    prompts = [item["prompt"] for item in load_prompts(spec.width.calibration, "train")]
-    batch = format_prompts(tokenizer, prompts[: spec.width.calibration_prompts])
+    batch = format_prompts(tokenizer, calibration_prompts(spec.width))
     scores = importance(model, batch["input_ids"], batch["attention_mask"])
     pruned = prune_width(model, width_pruned_config(model.config, spec.width), scores)
     log.info("Width-pruned %s on %d calibration prompts.", spec.describe(), len(batch["input_ids"]))

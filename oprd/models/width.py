@@ -44,10 +44,16 @@ class WidthPrune:
     """Query heads to keep: a multiple of the key/value heads, so each group keeps the same number."""
     intermediate_size: int | None = None
     """MLP neurons to keep in every layer."""
-    calibration: str = "arithmetic"
-    """Prompt source whose activations rank channels, heads and neurons (built-in name or JSONL file)."""
+    calibration: str | None = None
+    """Prompt source whose activations rank channels, heads and neurons (built-in name or JSONL file); None: the run's
+    training prompts (`oprd` fills in `data.train`; elsewhere the built-in `arithmetic`)."""
     calibration_prompts: int = 32
-    """Calibration prompts."""
+    """Calibration prompts (the first of the source's training split)."""
+    calibration_seed: int | None = None
+    """The split of a built-in calibration source, so that it calibrates on training prompts only; None: the run's
+    `data.seed` (elsewhere 0, the data's default)."""
+    calibration_num_val: int | None = None
+    """Held-out prompts of a built-in calibration source; None: the run's `data.num_val` (elsewhere 100)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_attention_heads", "intermediate_size"):

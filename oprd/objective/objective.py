@@ -13,6 +13,7 @@ that from the config), and returns a `LossTerms` of token sums that knows its ow
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,16 +21,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums, mean_cosine
+from oprd.losses.hidden import HiddenLossConfig, hidden_loss_sums, mean_cosine, select_positions
 from oprd.losses.lm_head import Head, sampled_logprobs, token_loss_sum_from_hidden
-from oprd.losses.token import (
-    TokenLossConfig,
-    check_head_reproducible,
-    check_same_logit_transforms,
-    with_model_logit_transforms,
-)
+from oprd.losses.token import TokenLossConfig
 from oprd.losses.weighting import LayerWeighting
 from oprd.models.capture import NORM, Point
+from oprd.models.heads import check_head_reproducible, check_same_logit_transforms, model_logit_transforms
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, check_rank
 from oprd.objective.projectors import Projectors
 from oprd.objective.statistics import RunningMoments
@@ -38,6 +35,21 @@ from oprd.rollout.sampling import Rollout
 Projector = Literal["linear", "bridge"]
 EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
 """Held-out reverse KL is always exact over the full vocabulary, whatever the training objective."""
+
+
+def with_model_logit_transforms(config: TokenLossConfig | None, model_config) -> TokenLossConfig | None:
+    """Fill in the model family's own logit scale and soft cap (see `HEAD_RULES`) where the loss config leaves them
+    unset, so the chunked path optimises what the model's forward computes. Returns a new config; the caller's is
+    never mutated."""
+    if config is None:
+        return None
+    scale, cap = model_logit_transforms(model_config)
+    updates = {}
+    if config.logit_softcap is None and cap:
+        updates["logit_softcap"] = cap
+    if config.logit_scale is None and scale:
+        updates["logit_scale"] = scale
+    return dataclasses.replace(config, **updates) if updates else config
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ class Heads:
 
 @dataclass
 class LossTerms:
-    """One micro-batch's terms, each a sum over its response tokens (divide by the step's token count).
+    """One micro-batch's terms, each a sum over its `tokens` (divide by the step's count of them).
 
     `metrics(tokens)` turns them into per-token values under the names oprd logs.
     """
@@ -71,15 +83,18 @@ class LossTerms:
     """The token term's weight."""
     rollout_logprob_gap: Tensor | None = None
     """Mean |engine log-prob - the student's own| of the sampled tokens, for engines that report them."""
+    tokens: Tensor | None = None
+    """How many tokens the sums are over: the response tokens, or, with a hidden term alone, the tokens its
+    `positions` select. The step divides its gradient by this count summed over micro-batches and ranks."""
 
-    def metrics(self, tokens: Tensor) -> dict[str, Tensor]:
+    def metrics(self, tokens: Tensor | None = None) -> dict[str, Tensor]:
         """Per-token values: `loss`, `hidden`, `hidden/<pair>`, `cos/<pair>`, `hidden_weight`, and with a token term
         `token_kl` and `token_weight`.
 
         Args:
-            tokens: response tokens of the micro-batch (clamped to at least 1).
+            tokens: the count the sums are over (clamped to at least 1); default `self.tokens`.
         """
-        tokens = tokens.clamp_min(1).float()
+        tokens = (self.tokens if tokens is None else tokens).clamp_min(1).float()
         metrics = {"loss": self.loss.detach() / tokens, "hidden": self.hidden.detach() / tokens}
         metrics.update({f"hidden/{label}": value.detach() / tokens for label, value in self.pairs.items()})
         metrics.update({f"cos/{label}": value for label, value in self.cosine.items()})
@@ -198,6 +213,9 @@ class Objective(nn.Module):
         terms = LossTerms(loss=roll.response_mask.new_zeros((), dtype=torch.float32), hidden=None)
         terms.hidden = terms.loss
         terms.hidden_weight = torch.tensor(float(self.hidden_weight))
+        responses = roll.response_mask.sum()
+        selected = select_positions(roll.response_mask, self.hidden_loss.positions, self.hidden_loss.k).sum()
+        terms.tokens = responses if token_loss is not None else selected
         if self.pairs:
             projected = self.projectors(student)
             targets = self.projectors.targets(teacher)
@@ -206,8 +224,14 @@ class Objective(nn.Module):
             terms.cosine = {
                 label: mean_cosine(projected[label], targets[label], roll.response_mask) for label in terms.pairs
             }
+            if token_loss is not None and self.hidden_loss.positions != "all":
+                # The hidden term is a mean over the tokens it selects, the token term over all response tokens, and
+                # one step divides both by one count: restate the hidden sums per response token. Exact within a
+                # micro-batch; across micro-batches it weighs each one's hidden mean by its response tokens.
+                scale = responses.float() / selected.clamp_min(1).float()
+                terms.pairs = {label: value * scale for label, value in terms.pairs.items()}
             sums = torch.stack(list(terms.pairs.values()))
-            terms.hidden = self.layer_weighting(sums, roll.response_mask.sum())
+            terms.hidden = self.layer_weighting(sums, terms.tokens)
         terms.loss = self.hidden_weight * terms.hidden
         if token_loss is not None:
             if heads is None:

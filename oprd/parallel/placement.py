@@ -16,13 +16,15 @@ default                   P x B for the whole run.
                           its LM head again when a token-space term needs it).
 `shard_teacher: true`     P x B / world size at rest, plus one decoder layer gathered at a time during its pass
                           (FSDP2, see `oprd.parallel.sharding`); needs 2+ processes.
+`remote_teacher: {...}`   none in the trainer's process: replicas on Ray actors (`oprd.parallel.remote`) send the
+                          states back; a token-space term keeps only the teacher's LM head (`V x d_T x B`).
 ========================  =======================================================================================
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -30,12 +32,17 @@ import torch
 from torch import nn
 
 from oprd.losses.lm_head import head_params
-from oprd.parallel.sharding import gathered_head, is_sharded
+from oprd.models.capture import Point
+from oprd.parallel.remote import RemoteTeacherConfig
+from oprd.parallel.sharding import gathered_head, hidden_states, is_sharded
+from oprd.rollout.engine import HFGenerateEngine
+from oprd.rollout.sampling import Rollout, RolloutConfig
 
 
 @dataclass(frozen=True)
 class TeacherPlacement:
-    """Teacher placement: a fixed device, CPU offload between passes, or sharded over all processes (one of them)."""
+    """Teacher placement: a fixed device, CPU offload between passes, sharded over all processes, or replicas on a
+    Ray cluster (one of them)."""
 
     device: str | None = None
     """Device of the teacher (`cuda:1`, `cpu`); None: the student's device."""
@@ -43,8 +50,15 @@ class TeacherPlacement:
     """Keep the teacher in CPU memory and move it to the compute device only for its pass."""
     shard: bool = False
     """Shard the teacher with FSDP2 across all processes (`oprd.parallel.sharding.configure_sharding` does it)."""
+    remote: RemoteTeacherConfig | None = None
+    """Run the teacher as replicas on Ray actors instead of in the trainer's process."""
 
     def __post_init__(self) -> None:
+        if self.remote is not None and (self.device is not None or self.offload or self.shard):
+            raise ValueError(
+                "`remote_teacher` runs the teacher outside the trainer: drop teacher_device/offload_teacher/"
+                "shard_teacher."
+            )
         if self.shard and (self.device is not None or self.offload):
             raise ValueError(
                 "`shard_teacher` spreads the teacher over all devices: drop teacher_device/offload_teacher."
@@ -124,3 +138,29 @@ class FrozenTeacher:
     def head(self, student_device: torch.device):
         """The teacher's output head on the student's device (see `TeacherPlacement.head`)."""
         return self.placement.head(self.model, student_device)
+
+    @torch.no_grad()
+    def states(
+        self, roll: Rollout, points: Sequence[Point], layers_path: str | None, student_device: torch.device
+    ) -> dict[Point, torch.Tensor]:
+        """The teacher's states `[b, t, d]` at `points`, on the student's device; its pass stops after the deepest."""
+        with self.active(student_device) as device:
+            on_device = roll.to(device)
+            states = hidden_states(self.model, points, layers_path, on_device.input_ids, on_device.attention_mask)
+        return {point: state.to(student_device) for point, state in states.items()}
+
+    def generate(
+        self,
+        tokenizer,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        config: RolloutConfig,
+        seed: int | None,
+        student_device: torch.device,
+        synced: bool = False,
+    ) -> Rollout:
+        """The teacher's own responses to formatted prompts `[b, p]`, on the student's device."""
+        with self.active(student_device) as device:
+            ids, mask = input_ids.to(device), attention_mask.to(device)
+            roll = HFGenerateEngine().generate(self.model, tokenizer, ids, mask, config, seed=seed, synced_gpus=synced)
+        return roll.to(student_device)

