@@ -284,6 +284,7 @@ class DistillModule(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.pair.engine.on_save_checkpoint(self.student)  # a run resumed from here starts its engine on these weights
         # A LoRA student's frozen base weights come back from its model path: only adapters and projectors are saved.
         for name in frozen_base_keys(self.student, "student."):
             checkpoint["state_dict"].pop(name, None)

@@ -48,7 +48,17 @@ def pair():
 
 
 def greedy(m, prompts=PROMPTS):
-    return m.sample(prompts, RolloutConfig(max_new_tokens=12, do_sample=False, engine=m.rollout_cfg.engine))
+    return m.sample(prompts, m.rollout_cfg.greedy(12))  # held-out scoring's settings: the module's, made greedy
+
+
+def greedy_in_step(m, prompts=PROMPTS):
+    """Greedy answers as a training rollout samples them (between `wake` and `sleep`): from the engine's copy as it
+    is, which may lag the student until the next scheduled sync."""
+    m.pair.engine.wake()
+    try:
+        return greedy(m, prompts)
+    finally:
+        m.pair.engine.sleep()
 
 
 def responses(roll) -> list[list[int]]:
@@ -93,7 +103,7 @@ def test_after_a_sync_the_engine_samples_the_updated_student_and_not_without(tmp
     state = with_vllm.student.state_dict()
     # Without the prefix-cache reset, the prompt blocks cached by `before` keep the old weights' states.
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
-    assert responses(greedy(with_vllm, long)) != responses(expected)
+    assert responses(greedy_in_step(with_vllm, long)) != responses(expected)
     # Without the LM head (tied to the embeddings) the CPU engine keeps its packed copy of the old head.
     engine.reload(hf.student)  # back to a clean state first: this run's weights, cache reset
     _perturb(with_vllm.student)
@@ -103,33 +113,104 @@ def test_after_a_sync_the_engine_samples_the_updated_student_and_not_without(tmp
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(
         [(k, v) for k, v in state.items() if k != "lm_head.weight"])})  # fmt: skip
     engine.llm.reset_prefix_cache()
-    assert responses(greedy(with_vllm, long)) != responses(expected)
+    assert responses(greedy_in_step(with_vllm, long)) != responses(expected)
     engine.sync_weights(with_vllm.student, step=1)
-    assert responses(greedy(with_vllm, long)) == responses(expected) and engine.sync_s > 0
+    assert responses(greedy_in_step(with_vllm, long)) == responses(expected) and engine.sync_s > 0
 
 
-def _fit(root: Path, steps: int, ckpt_path: str | None = None) -> dict[int, str]:
+def _fit(root: Path, steps: int, ckpt_path: str | None = None, sync_every: int = 1, save_every: int = 1) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    m = module("vllm")
+    m = module("vllm", sync_every=sync_every)
     fit = trainer(root, max_steps=steps, logger=CSVLogger(root, version=str(steps)), log_every_n_steps=1,
                   enable_checkpointing=True, callbacks=[ModelCheckpoint(root / "ckpt", save_last=True,
-                                                                         every_n_train_steps=1)])  # fmt: skip
+                                                                         every_n_train_steps=save_every)])  # fmt: skip
     fit.fit(m, PromptDataModule(batch_size=2), ckpt_path=ckpt_path)
     (metrics,) = (root / "lightning_logs" / str(steps)).glob("metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
-    assert all(float(r["train/rollout_logprob_gap"]) < 1e-3 for r in rows if r.get("train/rollout_logprob_gap"))
+    gaps = {int(r["step"]): float(r["train/rollout_logprob_gap"]) for r in rows if r.get("train/rollout_logprob_gap")}
+    if sync_every == 1:  # every rollout samples the student it trains
+        assert all(gap < 1e-3 for gap in gaps.values())
     assert any(r.get("train/weight_sync_s") for r in rows)
-    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}, gaps
 
 
 def test_a_fit_with_vllm_rollouts_resumes_with_the_same_losses(tmp_path):
-    reference = _fit(tmp_path / "reference", 4)
+    reference, _ = _fit(tmp_path / "reference", 4)
     _fit(tmp_path / "run", 2)
-    resumed = _fit(tmp_path / "run", 4, ckpt_path=str(tmp_path / "run/ckpt/last.ckpt"))
+    resumed, _ = _fit(tmp_path / "run", 4, ckpt_path=str(tmp_path / "run/ckpt/last.ckpt"))
     assert sorted(reference) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
     assert resumed == {s: reference[s] for s in resumed}
+
+
+def test_a_fit_that_syncs_every_3_steps_resumes_with_the_same_losses(tmp_path):
+    # Checkpoints at step 2, between syncs (0 and 3): the resumed run's engine starts from the step-2 weights, so the
+    # uninterrupted run must sample from them too from step 2 on.
+    reference, gaps = _fit(tmp_path / "reference", 4, sync_every=3, save_every=2)
+    assert gaps[0] < 1e-3 < gaps[1]  # step 1 samples the step-0 weights: the copy lags as sync_every allows
+    _fit(tmp_path / "run", 2, sync_every=3, save_every=2)
+    resumed, _ = _fit(tmp_path / "run", 4, ckpt_path=str(tmp_path / "run/ckpt/last.ckpt"), sync_every=3, save_every=2)
+    assert sorted(reference) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
+    assert resumed == {s: reference[s] for s in resumed}
+
+
+def _step(m, step: int) -> None:
+    """An optimizer step as the engine sees it: the student's weights change in place, then `sync_weights`."""
+    torch.manual_seed(step)
+    with torch.no_grad():
+        for param in m.student.parameters():
+            param.add_(torch.randn_like(param) * param.std() * 0.5)
+    m.pair.engine.sync_weights(m.student, step)
+
+
+def test_held_out_answers_come_from_the_live_weights_between_syncs():
+    with_vllm, hf = module("vllm", sync_every=4), module("hf")
+    before = greedy_in_step(with_vllm)  # starts the engine on the step-0 weights
+    _step(with_vllm, 1)  # not a sync step: training rollouts keep the step-0 copy
+    hf.student.load_state_dict(with_vllm.student.state_dict())
+    expected = greedy(hf)
+    assert responses(expected) != responses(before)
+    assert responses(greedy_in_step(with_vllm)) == responses(before)
+    # Scoring (what held-out accuracy and the report use) answers with the student whose KL it reports.
+    assert responses(greedy(with_vllm)) == responses(expected)
+
+
+def test_a_sleeping_engine_wakes_and_loads_pending_weights_for_a_generate_outside_a_step():
+    with_vllm, hf = module("vllm", sync_every=1), module("hf")
+    engine = with_vllm.pair.engine
+    before = greedy_in_step(with_vllm)
+    # Sleep mode needs a GPU; vLLM's CPU worker accepts `sleep` and `wake_up` as no-ops, so the engine's own
+    # bookkeeping (asleep, pending weights) runs for real here, as it does on a GPU.
+    engine.on_gpu = True
+    engine.wake()
+    greedy(with_vllm)
+    engine.sleep()  # what training_step does after its rollout
+    assert engine.asleep
+    _step(with_vllm, 1)  # a sync step while asleep: the weights wait for the next wake
+    assert engine.pending is not None
+    hf.student.load_state_dict(with_vllm.student.state_dict())
+    expected = greedy(hf)
+    assert responses(expected) != responses(before)
+    assert responses(greedy(with_vllm)) == responses(expected)  # e.g. held-out scoring after the last step
+    assert engine.asleep and engine.pending is None  # back to sleep, the weights loaded
+
+
+def test_a_weight_sync_prints_nothing_at_info(capfd):
+    with_vllm, _ = module("vllm"), None
+    greedy(with_vllm)
+    capfd.readouterr()
+    _step(with_vllm, 1)
+    out, err = capfd.readouterr()
+    assert with_vllm.pair.engine.sync_s is not None  # the sync ran
+    assert " INFO " not in out + err and "Failed to load weights" not in out + err, out + err
+
+
+def test_vllm_under_a_sharded_strategy_is_refused_before_any_model_loads(capsys, no_weight_loading):
+    from tests.test_preflight import fit_fails
+
+    line = fit_fails(capsys, "--model.rollout.engine", "vllm", "--trainer.strategy", "fsdp2")
+    assert "--trainer.strategy ddp" in line and "--model.rollout.engine hf" in line
 
 
 def test_the_teacher_is_sampled_with_its_own_generate(pair):

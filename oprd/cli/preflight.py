@@ -21,6 +21,7 @@ from oprd.hparams import from_plain, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
 from oprd.models.tokenizers import pair_tokenizer
 from oprd.module import DistillModule
+from oprd.rollout.engine import check_strategy
 from oprd.rollout.vllm import NO_VLLM
 from oprd.training.checkpoint import load_checkpoint
 
@@ -136,6 +137,7 @@ def check_config(subcommand: str, config) -> None:
         config: the subcommand's parsed config (a jsonargparse Namespace).
     """
     model = typed_model_args(config.model.as_dict())
+    check_strategy(model["rollout"].engine, config.trainer.strategy)
     data = config.data.as_dict()
     PromptDataModule(**data)
     if subcommand != "fit" and heldout_source(data["train"], data["val"]) is None:

@@ -18,11 +18,16 @@ class RolloutEngine(ABC):
     """Turns left-padded prompts into a `Rollout` sampled from the student's current policy.
 
     An engine that keeps its own copy of the weights (vLLM, SGLang) must refresh it in `sync_weights`, which
-    DistillModule calls after every optimizer step: rollouts from stale weights are off-policy.
+    DistillModule calls after every optimizer step: rollouts from stale weights are off-policy. DistillModule brackets
+    each training rollout with `wake` and `sleep`; inside that bracket the copy may lag the student by up to
+    `rollout.sync_every - 1` updates (the price of syncing less often), but a `generate` outside it (held-out scoring,
+    reports, predictions, calibration) must sample the live weights: it wakes the engine and syncs first.
     """
 
     sync_s: float | None = None
     """Seconds the last weight sync took (None: the engine reads the live model)."""
+    whole_weights: bool = False
+    """The engine copies the student's whole weights on each rank, which a sharded strategy (FSDP) does not hold."""
 
     @abstractmethod
     def generate(
@@ -43,11 +48,17 @@ class RolloutEngine(ABC):
         return None
 
     def sleep(self) -> None:
-        """Free what the engine holds on the accelerator while the trainer updates (no-op by default)."""
+        """End a training rollout: free what the engine holds on the accelerator while the trainer updates (no-op by
+        default)."""
         return None
 
     def wake(self) -> None:
-        """Take back what `sleep` freed, before the next rollout."""
+        """Start a training rollout: take back what `sleep` freed."""
+        return None
+
+    def on_save_checkpoint(self, model: nn.Module) -> None:
+        """A checkpoint of `model` is being saved: bring the engine's copy up to it, so that a run resumed from the
+        checkpoint (whose engine starts from these weights) samples what this run samples (no-op by default)."""
         return None
 
 
@@ -69,8 +80,8 @@ def register_engine(name: str, engine: type[RolloutEngine]) -> None:
     ENGINES[name] = engine
 
 
-def get_engine(name: str) -> RolloutEngine:
-    """A fresh engine by name, with an error that lists the registered ones."""
+def engine_class(name: str) -> type[RolloutEngine]:
+    """The engine class registered as `name`, with an error that lists the registered ones."""
     if name not in ENGINES:
         raise ValueError(
             f"Unknown rollout engine {name!r}; registered: {', '.join(sorted(ENGINES))}. Register your own with "
@@ -80,4 +91,33 @@ def get_engine(name: str) -> RolloutEngine:
     if isinstance(engine, str):
         module, _, attribute = engine.partition(":")
         engine = getattr(importlib.import_module(module), attribute)
-    return engine()
+    return engine
+
+
+def get_engine(name: str) -> RolloutEngine:
+    """A fresh engine by name, with an error that lists the registered ones."""
+    return engine_class(name)()
+
+
+SHARDED_STRATEGIES = ("fsdp", "deepspeed", "modelparallel")
+"""Lower-case prefixes of the strategy names and class names that shard the student's weights across ranks."""
+
+
+def check_strategy(name: str, strategy) -> None:
+    """Refuse an engine that copies the student's whole weights under a strategy that shards them (before any model
+    loads): each rank would hand the engine its shards only.
+
+    Args:
+        name: the `rollout.engine` setting.
+        strategy: `trainer.strategy` as parsed: a registered name (`fsdp2`), a class path, or a strategy object.
+    """
+    if not engine_class(name).whole_weights:
+        return
+    given = getattr(strategy, "class_path", None) or strategy
+    given = given if isinstance(given, str) else type(given).__name__
+    if given.rsplit(".", 1)[-1].lower().startswith(SHARDED_STRATEGIES):
+        raise ValueError(
+            f"--model.rollout.engine {name} cannot run under --trainer.strategy {given}: the engine needs the "
+            "student's whole weights on each rank and a sharded strategy holds a shard; use --trainer.strategy ddp "
+            "(or auto on one device), or --model.rollout.engine hf."
+        )
