@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 from oprd.data import heldout_source, load_prompts
+from oprd.training.checkpoint import free_name
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,7 @@ def keep_earlier_progress(path: Path) -> Path | None:
     """
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-    kept = path.with_name(f"{path.stem}-earlier-{stamp}{path.suffix}")
-    for n in range(1, 1000):
-        if not kept.exists():
-            break
-        kept = path.with_name(f"{path.stem}-earlier-{stamp}-{n}{path.suffix}")
+    kept = free_name(path, f"{path.stem}-earlier", path.suffix)
     shutil.move(path, kept)
     log.warning("compare: an earlier comparison's %s is kept as %s.", path.name, kept.name)
     return kept

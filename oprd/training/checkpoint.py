@@ -88,6 +88,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
+def free_name(path: Path, stem: str, suffix: str) -> Path:
+    """`<stem>-<time path was written><suffix>` beside `path`, numbered (`-1`, `-2`, ...) past any that exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"{stem}-{stamp}{suffix}")
+    for n in range(1, 1000):
+        if not kept.exists():
+            break
+        kept = path.with_name(f"{stem}-{stamp}-{n}{suffix}")
+    return kept
+
+
 def keep_aside(last: str | Path) -> Path:
     """Give an earlier run's `last.ckpt` a name of its own, `earlier-run-<time of writing>.ckpt`, next to it.
 
@@ -98,12 +109,7 @@ def keep_aside(last: str | Path) -> Path:
         the earlier run's checkpoint under its new name.
     """
     last = Path(last)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(last.stat().st_mtime))
-    kept = last.with_name(f"earlier-run-{stamp}.ckpt")
-    for n in range(1, 1000):
-        if not kept.exists():
-            break
-        kept = last.with_name(f"earlier-run-{stamp}-{n}.ckpt")
+    kept = free_name(last, "earlier-run", ".ckpt")
     try:
         os.link(last, kept)
     except OSError:
