@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from oprd.models.capture import HiddenCapture, decoder, forward_inputs
+from oprd.models.capture import HiddenCapture
 from oprd.models.layers import find_layers
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,8 @@ def block_influence(
         return hook
 
     handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    capture = HiddenCapture(model, list(range(len(layers))), layers_path, stop_early=False)
     try:
-        with capture.capture() as leaving:
-            decoder(model)(**forward_inputs(input_ids, attention_mask))
-            outputs = capture.collected(leaving)
+        outputs = HiddenCapture(model, list(range(len(layers))), layers_path).run(input_ids, attention_mask)
     finally:
         for handle in handles:
             handle.remove()
