@@ -149,3 +149,9 @@ def test_an_unreachable_cluster_fails_in_one_line_before_the_student_loads(tmp_p
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "127.0.0.1:9" in errors[0] and "ray start --head" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("address", ["", "nohost", "host:port", "ray://:10001"])
+def test_a_malformed_address_is_named_with_its_forms_before_anything_connects(address):
+    with pytest.raises(ValueError, match=r"remote_teacher.address .* is not `auto`, `host:port` or `ray://host:port`"):
+        RemoteTeacherConfig(address=address)

@@ -73,8 +73,8 @@ class RemoteTeacherConfig:
             raise ValueError(f"remote_teacher.replicas must be >= 1, got {self.replicas}.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"remote_teacher.threads must be >= 1, got {self.threads}.")
-        if not self.address:
-            raise ValueError("remote_teacher.address is empty: give `auto` or a cluster address (`host:6379`).")
+        if self.address != "auto":
+            host_port(self.address)  # a malformed address is named before any model loads
         if self.timeout_s <= 0:
             raise ValueError(f"remote_teacher.timeout_s must be > 0, got {self.timeout_s}.")
 
@@ -171,26 +171,36 @@ def connect(address: str) -> None:
             log_to_driver=False,
         )
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise TeacherUnavailable(
-            f"Cannot reach the Ray cluster at remote_teacher.address {address!r} ({str(err).splitlines()[0]}): start "
-            "it there (`ray start --head`) or give its address, or `auto` for a cluster on this machine."
-        ) from err
+        raise _unreachable(address, str(err).splitlines()[0]) from err
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on an address nothing listens at (Ray itself retries a missing cluster for minutes)."""
+def host_port(address: str) -> tuple[str, int]:
+    """`host:port` or `ray://host:port` -> (host, port).
+
+    Raises:
+        ValueError: naming the setting and the forms it takes.
+    """
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(
             f"remote_teacher.address {address!r} is not `auto`, `host:port` or `ray://host:port` (e.g. 10.0.0.5:6379)."
         )
+    return host, int(port)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an address nothing listens at (Ray itself retries a missing cluster for minutes)."""
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection(host_port(address), timeout=timeout_s).close()
     except OSError as err:
-        raise TeacherUnavailable(
-            f"Cannot reach the Ray cluster at remote_teacher.address {address!r} ({err.strerror or err}): start it "
-            "there (`ray start --head`) or give its address, or `auto` for a cluster on this machine."
-        ) from err
+        raise _unreachable(address, err.strerror or str(err)) from err
+
+
+def _unreachable(address: str, why: str) -> TeacherUnavailable:
+    return TeacherUnavailable(
+        f"Cannot reach the Ray cluster at remote_teacher.address {address!r} ({why}): start it there (`ray start "
+        "--head`) or give its address, or `auto` for a cluster on this machine."
+    )
 
 
 class RemoteTeacher:
