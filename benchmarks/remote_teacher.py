@@ -41,6 +41,7 @@ from benchmarks.common import (
     ratio,
     write_json,
 )
+from oprd.objective.bridge import BridgeProjectors
 
 NAME = "remote_teacher"
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,8 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     states = module.pair.teacher_states(roll, module.objective.points("teacher"))
     shipped = len(pickle.dumps({k: v.cpu() for k, v in states.items()}))
     pairs = len(module.objective.projectors.pairs)
-    rank = module.objective.projectors.config.rank if hasattr(module.objective.projectors, "config") else None
+    projectors = module.objective.projectors
+    rank = projectors.config.rank if isinstance(projectors, BridgeProjectors) else None
     return {
         "step_s": statistics.median(times.seconds[1:]),  # the first step warms up (imports, the head's fetch)
         "steps_timed": len(times.seconds) - 1,

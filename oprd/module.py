@@ -25,7 +25,7 @@ from oprd.models.capture import NORM, Point
 from oprd.models.lora import frozen_base_keys
 from oprd.models.spec import ModelSpec
 from oprd.objective.bridge import BridgeConfig
-from oprd.objective.calibration import calibrate_bridge
+from oprd.objective.calibration import calibrate_projectors
 from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
 from oprd.objective.objective import LossTerms, Objective, Projector
 from oprd.pair import ModelPair, PairConfigs, choose_student_layers
@@ -49,9 +49,11 @@ class DistillModule(L.LightningModule):
         student: the student model (trained).
         tokenizer: tokenizer id/folder/alias, or `tiny`; default: the student's, else the teacher's.
         layer_map: `uniform`, `all`, `last`, `norm`, `pruned`, or explicit `[[student, teacher], ...]` pairs.
-        projector: `linear` (a trained `Linear(d_S, d_T)` per pair, identity for equal widths) or `bridge`
-            (OPRD-Bridge: a frozen rank-r PCA basis of the teacher's states, calibrated; for different widths).
-        bridge: the Bridge's rank and calibration (with `projector: bridge`).
+        projector: `linear` (a trained `Linear(d_S, d_T)` per pair, identity for equal widths), `bridge`
+            (OPRD-Bridge: a frozen rank-r PCA basis of the teacher's states, calibrated; for different widths) or
+            `select` (no parameters: each student channel against the teacher channel it matches best, calibrated;
+            for a student no wider than its teacher, e.g. a width-pruned copy).
+        bridge: the Bridge's rank and calibration (its `rows`, `batches` and `holdout` also calibrate `select`).
         hidden_loss: how hidden states are compared.
         hidden_weight: mu, the weight of the hidden-state term (0 turns it off: pure token-space distillation).
         token_loss: the token-space (logit) term on the same rollout and teacher pass; None turns it off.
@@ -218,8 +220,8 @@ class DistillModule(L.LightningModule):
         self.calibrate()
 
     def calibrate(self) -> dict[str, float]:
-        """Calibrate the Bridge on the training prompts if it is not calibrated yet (every rank: the rollouts may be
-        in lock-step); returns its metrics, empty when there was nothing to do.
+        """Calibrate the projectors (Bridge, select) on the training prompts if they are not calibrated yet (every
+        rank: the rollouts may be in lock-step); returns its metrics, empty when there was nothing to do.
 
         The module calls it before the first step; a callback that scores the student before training calls it
         first, so that what it scores is what trains (an uncalibrated Bridge scores cosine 0).
@@ -228,7 +230,7 @@ class DistillModule(L.LightningModule):
             return {}
         data = self.trainer.datamodule
         prompts = [item["prompt"] for item in data.train_items]
-        metrics = calibrate_bridge(self, prompts, data.hparams.batch_size)
+        metrics = calibrate_projectors(self, prompts, data.hparams.batch_size)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         return metrics

@@ -1,6 +1,6 @@
-"""The Bridge's calibration inside `fit`: on-policy rollouts of the student, both models' hidden states at the mapped
-layers, then `BridgeProjectors.calibrate`. It runs once, before the first training step; the result is part of the
-checkpoint, so a resumed run skips it.
+"""The calibration of the Bridge or of `select` inside `fit`: on-policy rollouts of the student, both models' hidden
+states at the mapped layers, then the projectors' own `calibrate`. It runs once, before the first training step; the
+result is part of the checkpoint, so a resumed run skips it.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import logging
 
 import torch
 from rich.progress import track
+
+from oprd.objective.select import SelectProjectors
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ def collect_rows(module, prompts: list[str], batch_size: int) -> tuple[dict, dic
     teacher_rows = {label: [] for label in labels}
     collected = 0
     batches = [prompts[i : i + batch_size] for i in range(0, batch_size * config.batches, batch_size)]
-    for number, batch in enumerate(track(batches, description="Bridge: collecting hidden states", transient=True)):
+    for number, batch in enumerate(track(batches, description="Calibration: collecting hidden states", transient=True)):
         if not batch or collected >= config.rows:
             break
         # Seeded apart from the training rollouts (which derive theirs from the step), never from the global RNG.
@@ -41,20 +43,30 @@ def collect_rows(module, prompts: list[str], batch_size: int) -> tuple[dict, dic
     return merge, {label: torch.cat(rows)[: config.rows] for label, rows in teacher_rows.items()}
 
 
-def calibrate_bridge(module, prompts: list[str], batch_size: int) -> dict[str, float]:
-    """Collect rows, fit the Bridge, and return its metrics: `bridge/explained/<pair>`, `bridge/cosine/<pair>`."""
+def calibrate_projectors(module, prompts: list[str], batch_size: int) -> dict[str, float]:
+    """Collect rows, fit the projectors, and return their metrics: `<kind>/explained/<pair>` and
+    `<kind>/cosine/<pair>`, kind `bridge` or `select`."""
     student, teacher = collect_rows(module, prompts, batch_size)
     rows = min(len(v) for v in student.values())
-    report = module.objective.projectors.calibrate(student, teacher, seed=module.hparams.seed)
+    projectors = module.objective.projectors
+    report = projectors.calibrate(student, teacher, seed=module.hparams.seed)
+    kind = "select" if isinstance(projectors, SelectProjectors) else "bridge"
     metrics = {}
     for label, values in report.items():
-        metrics[f"bridge/explained/{label}"] = values["explained"]
-        metrics[f"bridge/cosine/{label}"] = values["cosine"]
+        metrics[f"{kind}/explained/{label}"] = values["explained"]
+        metrics[f"{kind}/cosine/{label}"] = values["cosine"]
     mean_cos = sum(v["cosine"] for v in report.values()) / len(report)
     mean_var = sum(v["explained"] for v in report.values()) / len(report)
+    if kind == "select":
+        log.info(
+            "select: matched the student's channels to the teacher's on %d rows per layer: the chosen channels hold "
+            "%.1f%% of the teacher's variance and reach held-out cosine %.3f (means over layers).",
+            rows, 100 * mean_var, mean_cos,
+        )  # fmt: skip
+        return metrics
     log.info(
         "Bridge calibrated on %d rows per layer: rank-%d bases keep %.1f%% of the teacher's variance (mean over "
         "layers); student projectors reach held-out cosine %.3f.",
-        rows, module.objective.projectors.config.rank, 100 * mean_var, mean_cos,
+        rows, projectors.config.rank, 100 * mean_var, mean_cos,
     )  # fmt: skip
     return metrics

@@ -29,10 +29,11 @@ from oprd.models.capture import NORM, Point
 from oprd.models.heads import check_head_reproducible, check_same_logit_transforms, model_logit_transforms
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, check_rank
 from oprd.objective.projectors import Projectors
+from oprd.objective.select import SelectProjectors
 from oprd.objective.statistics import RunningMoments
 from oprd.rollout.sampling import Rollout
 
-Projector = Literal["linear", "bridge"]
+Projector = Literal["linear", "bridge", "select"]
 EVAL_KL = TokenLossConfig(objective="reverse_kl", estimator="exact")
 """Held-out reverse KL is always exact over the full vocabulary, whatever the training objective."""
 
@@ -130,8 +131,9 @@ class Objective(nn.Module):
         token_weight: w_token.
         balance: rescale the hidden term to the token term's magnitude (a detached ratio) before mu weights it.
         seed: seed of the projectors' initialisation (random between unequal widths).
-        projector: `linear` (`Linear(d_S, d_T)` per pair, trained) or `bridge` (a calibrated shared subspace).
-        bridge: the Bridge's calibration settings.
+        projector: `linear` (`Linear(d_S, d_T)` per pair, trained), `bridge` (a calibrated shared subspace) or
+            `select` (parameter-free: each student channel against one teacher channel, matched by calibration).
+        bridge: the Bridge's calibration settings (its collection settings also serve `select`).
     """
 
     def __init__(
@@ -167,19 +169,22 @@ class Objective(nn.Module):
             if projector == "bridge":
                 check_rank(bridge, teacher_config.hidden_size)
                 self.projectors = BridgeProjectors(self.pairs, *widths, bridge)
+            elif projector == "select":
+                self.projectors = SelectProjectors(self.pairs, *widths, bridge)
             else:
                 self.projectors = Projectors(self.pairs, *widths)
         self.layer_weighting = LayerWeighting(hidden_loss.layer_weights, len(self.pairs))
         self.moments = None
         if hidden_loss.kind == "standardized_mse":
-            width = bridge.rank if projector == "bridge" else teacher_config.hidden_size
+            width = {"bridge": bridge.rank, "select": widths[0]}.get(projector, widths[1])
             self.moments = nn.ModuleDict({label: RunningMoments(width) for label in self.projectors.labels})
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the Bridge's subspaces are still to be fitted (before the first training step)."""
-        bridge = isinstance(self.projectors, BridgeProjectors)
-        return bridge and bool(self.pairs) and not bool(self.projectors.calibrated)
+        """Whether calibrated projectors (the Bridge's subspaces, `select`'s channels) are still to be fitted (before
+        the first training step)."""
+        calibrated = getattr(self.projectors, "calibrated", None)
+        return calibrated is not None and bool(self.pairs) and not bool(calibrated)
 
     @property
     def needs_head(self) -> bool:

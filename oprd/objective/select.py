@@ -1,0 +1,122 @@
+"""A parameter-free projector: each student channel is compared with one teacher channel, chosen once.
+
+Shape legend:
+    n    collected response tokens (rows)
+    d_s  student width
+    d_t  teacher width
+
+Flex-KD (arXiv 2507.10155) reports that learned linear projectors distort the teacher's states, and distils a
+narrower student on a selection of the teacher's own hidden units instead, with nothing learned in between. Here the
+selection is a one-to-one matching of the student's `d_s` channels to `d_s` of the teacher's, by correlation on
+states collected before the first step (the Bridge's calibration rollouts). A width-pruned student copied its
+channels from the teacher (Minitron), so the matching recovers exactly the channels the pruning kept; for any other
+student it picks the teacher channel each student channel already follows most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oprd.models.capture import Point
+from oprd.objective.bridge import BridgeConfig
+from oprd.objective.projectors import pair_label
+
+
+def check_select_widths(student_width: int, teacher_width: int) -> None:
+    """`projector: select` picks d_s of the teacher's channels, so the student may not be wider (checked before any
+    weight loads)."""
+    if student_width > teacher_width:
+        raise ValueError(
+            f"projector: select compares each of the student's {student_width} channels with one of the teacher's "
+            f"{teacher_width}, so the student cannot be wider: use projector: linear or bridge."
+        )
+
+
+class SelectProjectors(nn.Module):
+    """Per pair, the teacher channel `[d_s]` each student channel is compared with (a buffer, saved in checkpoints);
+    `calibrated` says whether the matching has run, so a resumed run does not redo it. No parameters.
+
+    Args:
+        config: the calibration's collection settings (`rows`, `batches`, `holdout`), shared with the Bridge.
+    """
+
+    def __init__(
+        self, pairs: Sequence[tuple[Point, Point]], student_width: int, teacher_width: int, config: BridgeConfig
+    ) -> None:
+        super().__init__()
+        check_select_widths(student_width, teacher_width)
+        self.pairs, self.config = list(pairs), config
+        for label in self.labels:
+            self.register_buffer(f"channels_{label}", torch.arange(student_width))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def labels(self) -> list[str]:
+        return [pair_label(pair) for pair in self.pairs]
+
+    def channels(self, label: str) -> Tensor:
+        return getattr(self, f"channels_{label}")
+
+    def forward(self, student_states: dict[Point, Tensor]) -> dict[str, Tensor]:
+        """Each pair's student state `[b, t, d_s]`, as it is."""
+        return {label: student_states[s] for label, (s, _) in zip(self.labels, self.pairs, strict=True)}
+
+    def targets(self, teacher_states: dict[Point, Tensor]) -> dict[str, Tensor]:
+        """Each pair's teacher state `[b, t, d_t]` -> its matched channels `[b, t, d_s]`."""
+        return {
+            label: teacher_states[t][..., self.channels(label)]
+            for label, (_, t) in zip(self.labels, self.pairs, strict=True)
+        }
+
+    @torch.no_grad()
+    def calibrate(self, student_rows: dict[str, Tensor], teacher_rows: dict[str, Tensor], seed: int = 0) -> dict:
+        """Match every pair's channels on collected rows.
+
+        Args:
+            student_rows: pair label -> `[n, d_s]` student states.
+            teacher_rows: pair label -> `[n, d_t]` teacher states at the same tokens.
+
+        Returns:
+            per pair label: `explained` (the teacher's variance in the chosen channels, as a fraction of all of it)
+            and `cosine` (held-out rows, student state vs the teacher's chosen channels).
+        """
+        report = {}
+        for label in self.labels:
+            x, y = student_rows[label].double(), teacher_rows[label].double()
+            order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+            held = max(int(self.config.holdout * x.shape[0]), 1)
+            train, test = order[held:], order[:held]
+            channels = match_channels(correlation(x[train], y[train]))
+            self.channels(label).copy_(channels)
+            variance = y[train].var(dim=0)
+            cosine = F.cosine_similarity(x[test], y[test][:, channels], dim=-1).mean()
+            report[label] = {"explained": float(variance[channels].sum() / variance.sum()), "cosine": float(cosine)}
+        self.calibrated.fill_(True)
+        return report
+
+
+def correlation(x: Tensor, y: Tensor) -> Tensor:
+    """`[d_x, d_y]` Pearson correlation of every column of `x` `[n, d_x]` with every column of `y` `[n, d_y]`
+    (a constant column correlates 0 with everything)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    xs = xc / xc.norm(dim=0).clamp_min(1e-30)
+    ys = yc / yc.norm(dim=0).clamp_min(1e-30)
+    return xs.T @ ys
+
+
+def match_channels(scores: Tensor) -> Tensor:
+    """A one-to-one matching of rows to columns of `scores` `[d_s, d_t]` (d_s <= d_t), greedy by decreasing score:
+    the best remaining (row, column) pair is taken and both leave the pool. Returns `[d_s]` column indices."""
+    rows, columns = scores.shape
+    chosen, column_free, left = [-1] * rows, [True] * columns, rows
+    for index in scores.flatten().argsort(descending=True, stable=True).tolist():
+        row, column = divmod(index, columns)
+        if chosen[row] < 0 and column_free[column]:
+            chosen[row], column_free[column], left = column, False, left - 1
+            if not left:
+                break
+    return torch.tensor(chosen)
