@@ -70,7 +70,7 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     """One run in this process: `steps` steps of the config, with the teacher in-process or on `replicas` replicas."""
     import torch
 
-    from oprd.cli.main import build_cli
+    from oprd.cli.fit import build_cli
 
     apply_threads(threads)
     threads = torch.get_num_threads()  # the replicas run with the trainer's count: the same kernels, the same numbers

@@ -21,14 +21,14 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from oprd.data import format_prompts
-from oprd.models.capture import Point
+from oprd.models.capture import Point, hidden_states
 from oprd.models.layers import check_layer_count
 from oprd.models.spec import ModelSpec, choose_depth, load_config, load_model, pruned_from
 from oprd.models.tokenizers import check_positions, check_vocab, pair_tokenizer
 from oprd.objective.objective import Heads
 from oprd.parallel.placement import FrozenTeacher, TeacherPlacement
 from oprd.parallel.remote import RemoteTeacher
-from oprd.parallel.sharding import gathered_head, hidden_states
+from oprd.parallel.sharding import gathered_head
 from oprd.rollout.engine import HFGenerateEngine, RolloutEngine
 from oprd.rollout.sampling import Rollout, RolloutConfig
 

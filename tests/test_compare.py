@@ -22,7 +22,7 @@ from rich.console import Console
 
 import oprd.compare.probe
 from oprd.cli import main
-from oprd.cli.compare import parse_lrs
+from oprd.cli.compare import CliFits, parse_lrs
 from oprd.compare.probe import CompareProbe
 from oprd.compare.report import print_table
 from oprd.compare.runner import CompareSettings, choose, compare
@@ -422,7 +422,7 @@ def _refused(tmp_path, match: str, **settings) -> None:
     (out / "runs.jsonl").write_text('{"run": "an earlier comparison"}\n')
     settings = {"configs": [str(ROOT / "configs/tiny.yaml")], "objectives": ["oprd"], "out": out, **settings}
     with pytest.raises((ValueError, argparse.ArgumentError), match=match):
-        compare(CompareSettings(**settings))
+        compare(CompareSettings(**settings), CliFits())
     assert sorted(p.name for p in out.iterdir()) == ["runs.jsonl"]
     assert (out / "runs.jsonl").read_text() == '{"run": "an earlier comparison"}\n'
 

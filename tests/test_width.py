@@ -101,7 +101,7 @@ def test_a_width_pruned_student_distils_through_linear_projectors(tmp_path):
 def test_width_pruning_calibrates_on_the_runs_own_training_prompts(tmp_path, monkeypatch):
     # With data.seed 1 the built-in task holds out other prompts than with the default seed: calibration must follow.
     import oprd.models.spec
-    from oprd.cli.main import build_cli
+    from oprd.cli.fit import build_cli
     from tests.conftest import ROOT
 
     seen: list[str] = []

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 
+from oprd.cli import preflight
+from oprd.cli.fit import OprdCLI, build_cli, quiet_startup, show_progress_logs
 from oprd.compare.report import plot, print_table, write_json
 from oprd.compare.runner import CompareSettings, compare
 
@@ -16,6 +20,54 @@ DESCRIPTION = (
     "one W&B run per objective and rate, in one group. Flags after `--` go to every run's `oprd fit`."
 )
 EXAMPLE = "oprd compare --config my.yaml --objectives oprd opd --lr 1e-5 3e-5 1e-4 --steps 50 --eval_every 10"
+
+
+def parse_fit(args: list[str]) -> Namespace:
+    """The settings one run's `fit` would get from `args`, parsed and checked like `fit` checks them (config files,
+    keys, types, prompt sources), without loading a model or writing a file."""
+
+    class ParseOnly(OprdCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    with warnings.catch_warnings():  # sys.argv holds `oprd compare`'s command line; this run's is `args`, as meant
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        config = build_cli(args, cli_class=ParseOnly).config
+    checked = config.clone()
+    # `fit` checks that its output folder can be written by creating it; here that folder is inside --out, which must
+    # stay untouched until every check has passed: check the folder it would be created in instead.
+    checked.trainer.default_root_dir = str(existing_parent(Path(config.trainer.default_root_dir)))
+    preflight.check_config("fit", checked)
+    return config
+
+
+def existing_parent(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent folder."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class CliFits:
+    """The `fit` CLI as `oprd compare` builds its runs (`oprd.compare.runner.Fits`)."""
+
+    def parse(self, args: list[str]) -> Namespace:
+        return parse_fit(args)
+
+    def build(self, args: list[str]) -> OprdCLI:
+        return build_cli(args)
+
+    def prepare_process(self) -> None:
+        show_progress_logs()
+        quiet_startup()
+        del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
 
 
 def compare_parser() -> ArgumentParser:
@@ -91,7 +143,7 @@ def compare_main(argv: list[str]) -> dict:
         out=Path(args.out),
         extra=extra,
     )
-    result = compare(settings)
+    result = compare(settings, CliFits())
     result["meta"] = {"command": "oprd compare " + " ".join(argv)}
     print_table(result)
     json_path = write_json(result, settings.out / "compare.json")

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
-
-from jsonargparse import Namespace
 
 from oprd.data import heldout_source, load_prompts
 from oprd.training.checkpoint import free_name
@@ -23,41 +20,6 @@ NO_ANSWERS = (
     "--select accuracy needs answers, and none of the {total} selection prompts (every other held-out prompt of "
     '{source}) has one: add "answer" to them, or choose by --select reverse_kl.'
 )
-
-
-def parse_fit(args: list[str]) -> Namespace:
-    """The settings one run's `fit` would get from `args`, parsed and checked like `fit` checks them (config files,
-    keys, types, prompt sources), without loading a model or writing a file."""
-    from oprd.cli import preflight
-    from oprd.cli.main import OprdCLI, build_cli
-
-    class ParseOnly(OprdCLI):
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def after_instantiate_classes(self) -> None:
-            pass
-
-    with warnings.catch_warnings():  # sys.argv holds `oprd compare`'s command line; this run's is `args`, as meant
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        config = build_cli(args, cli_class=ParseOnly).config
-    checked = config.clone()
-    # `fit` checks that its output folder can be written by creating it; here that folder is inside --out, which must
-    # stay untouched until every check has passed: check the folder it would be created in instead.
-    checked.trainer.default_root_dir = str(existing_parent(Path(config.trainer.default_root_dir)))
-    preflight.check_config("fit", checked)
-    return config
-
-
-def existing_parent(path: Path) -> Path:
-    """`path` itself if it exists, else its nearest existing parent folder."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def heldout_items(data: dict[str, Any], eval_prompts: int) -> list[dict[str, Any]]:

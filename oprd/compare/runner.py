@@ -14,14 +14,14 @@ import gc
 import json
 import logging
 import multiprocessing
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+from jsonargparse import Namespace
 from lightning.pytorch.loggers import WandbLogger
 
 from oprd.compare import checks
@@ -36,6 +36,22 @@ log = logging.getLogger(__name__)
 FRAGMENTS = Path(__file__).resolve().parent / "objectives"
 """The objective fragments shipped in the package (`opd`, `opd_topk`, `mix`, `oprd`): an installed `oprd` finds them
 too. The repository's `configs/` links to them, for `oprd fit --config configs/opd.yaml`."""
+
+
+class Fits(Protocol):
+    """How a comparison builds its `fit` runs: given to `compare` by the command that runs it (`oprd compare` gives
+    the `fit` CLI's, `oprd.cli.compare.CliFits`), so the runner needs no command line of its own. Picklable: each run
+    builds its fit in a fresh process."""
+
+    def parse(self, args: list[str]) -> Namespace:
+        """The settings `fit` would get from `args`, checked as `fit` checks them, without loading a model or writing
+        a file."""
+
+    def build(self, args: list[str]) -> Any:
+        """A `fit` run built from `args`, not started: its `trainer`, `model` and `datamodule`."""
+
+    def prepare_process(self) -> None:
+        """Set up a fresh run process (its logging, its view of the command line)."""
 
 
 @dataclass
@@ -149,14 +165,14 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
     return args + settings.extra
 
 
-def run_isolated(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
+def run_isolated(settings: CompareSettings, fits: Fits, objective: str, lr: float | None) -> tuple:
     """`run_one` in a fresh process: every run starts from a clean interpreter (nothing of the previous run's models
     stays in memory), as `oprd fit` would. Returns the probe's rows and summary, and how the run diverged (None when
     it did not)."""
     # Not a multiprocessing Pool: a Pool whose worker dies (killed for memory, say) waits for its result forever.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_child, settings, objective, lr).result()
+            return pool.submit(_child, settings, fits, objective, lr).result()
         except BrokenProcessPool as err:
             raise ChildProcessError(
                 f"oprd compare: run {run_name(objective, lr)} died without a result (killed for memory?). The runs "
@@ -165,23 +181,19 @@ def run_isolated(settings: CompareSettings, objective: str, lr: float | None) ->
             ) from err
 
 
-def _child(settings: CompareSettings, objective: str, lr: float | None) -> tuple:
-    from oprd.cli.main import quiet_startup, show_progress_logs
-
-    show_progress_logs()
-    quiet_startup()
-    del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
-    probe, diverged = run_one(settings, objective, lr)
+def _child(settings: CompareSettings, fits: Fits, objective: str, lr: float | None) -> tuple:
+    fits.prepare_process()
+    probe, diverged = run_one(settings, fits, objective, lr)
     return probe.rows, probe.summary(), diverged
 
 
-def run_one(settings: CompareSettings, objective: str, lr: float | None) -> tuple[CompareProbe, dict | None]:
+def run_one(
+    settings: CompareSettings, fits: Fits, objective: str, lr: float | None
+) -> tuple[CompareProbe, dict | None]:
     """Build one run with the `fit` CLI, swap its report callbacks for a `CompareProbe`, train it; returns the probe,
     and `{"step", "why"}` when the run stopped on a non-finite loss or gradient (a result of the comparison: the
     other rates still run)."""
-    from oprd.cli.main import build_cli
-
-    cli = build_cli(fit_args(settings, objective, lr))
+    cli = fits.build(fit_args(settings, objective, lr))
     cli.datamodule.setup("fit")
     items = cli.datamodule.val_items[: settings.eval_prompts]
     if len(items) < 2:  # checked before the first run too (`checks.heldout_items`)
@@ -221,9 +233,10 @@ def _diverged(err: NonFiniteError, root: str) -> dict[str, Any]:
     return {"step": err.step, "why": err.what}
 
 
-def compare(settings: CompareSettings) -> dict[str, Any]:
-    """Every objective at every learning rate; returns the rows, each run's cost, and the choice per objective."""
-    check(settings)
+def compare(settings: CompareSettings, fits: Fits) -> dict[str, Any]:
+    """Every objective at every learning rate, each run built by `fits`; returns the rows, each run's cost, and the
+    choice per objective."""
+    check(settings, fits)
     rows, runs = [], []
     settings.out.mkdir(parents=True, exist_ok=True)
     progress = settings.out / "runs.jsonl"  # each finished run at once: a long comparison stopped half-way keeps them
@@ -232,7 +245,7 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
             log.info("compare: %s", progress_name(settings, objective, lr))
-            probe_rows, summary, diverged = run_isolated(settings, objective, lr)
+            probe_rows, summary, diverged = run_isolated(settings, fits, objective, lr)
             rows += [{"objective": objective, "lr": lr, **row} for row in probe_rows]
             runs.append({"objective": objective, "lr": lr, **summary, "diverged": diverged})
             record = {"run": runs[-1], "rows": rows[len(rows) - len(probe_rows) :]}
@@ -241,12 +254,12 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
     return {"summary": choose(rows, runs, settings), "rows": rows, "runs": runs}
 
 
-def check(settings: CompareSettings) -> None:
+def check(settings: CompareSettings, fits: Fits) -> None:
     """Every run's settings parse and pass `fit`'s checks, and its held-out and `--final_heldout` prompts load, before
     the first run and before anything is written to `--out` (`oprd.compare.checks`)."""
     for objective in settings.objectives:
         for lr in learning_rates(settings, objective):
-            data = checks.parse_fit(fit_args(settings, objective, lr)).data.as_dict()
+            data = fits.parse(fit_args(settings, objective, lr)).data.as_dict()
         items = checks.heldout_items(data, settings.eval_prompts)
         checks.check_answers(items[0::2], settings.select, heldout_source(data["train"], data["val"]))
         checks.check_final_heldout(settings.final_heldout, data)

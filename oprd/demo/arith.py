@@ -124,8 +124,6 @@ def build_arith_teacher(base: Path, out: Path) -> dict:
     """Fine-tune the base model in `base` on the arithmetic task and save the result (weights, tokenizer) in `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oprd.demo.builtin import check_folder
-
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     start = time.perf_counter()
@@ -137,7 +135,6 @@ def build_arith_teacher(base: Path, out: Path) -> dict:
     log.info("Arithmetic teacher held-out greedy accuracy: %.2f", accuracy)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    check_folder(out)
     return {
         "base": str(base),
         "steps": ARITH_STEPS,

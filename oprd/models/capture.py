@@ -113,6 +113,38 @@ class HiddenCapture:
         return dict(states)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_forward_states(
+    model: nn.Module, points: Sequence[Point], layers_path: str | None, input_ids: Tensor, attention_mask: Tensor
+) -> dict[Point, Tensor]:
+    """Hidden states of a sharded model: a whole forward through the root, with the LM head on one position only.
+
+    FSDP2 gathers and frees weights in forward hooks of each unit; the early exit of `HiddenCapture` (an exception
+    raised in a hook) would skip those of the root. Costs the layers after the deepest capture point: none for the
+    default `uniform` map, whose deepest pair is the last layer.
+    """
+    capture = HiddenCapture(model, points, layers_path, stop_early=False)
+    with capture.capture() as states:
+        model(**forward_inputs(input_ids, attention_mask), logits_to_keep=1)
+        return capture.collected(states)
+
+
+def hidden_states(
+    model: nn.Module, points: Sequence[Point], layers_path: str | None, input_ids: Tensor, attention_mask: Tensor
+) -> dict[Point, Tensor]:
+    """Hidden states at `points`, `[b, t, d]` each: a pass that stops after the deepest point, or a whole forward
+    when the model is sharded (see `full_forward_states`)."""
+    if is_sharded(model):
+        return full_forward_states(model, points, layers_path, input_ids, attention_mask)
+    return HiddenCapture(model, points, layers_path).run(input_ids, attention_mask)
+
+
 def forward_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor | bool]:
     """Keyword arguments of a cache-less forward pass over left-padded sequences.
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from oprd.models.aliases import aliases
 from oprd.models.depth import DepthPrune, block_influence, most_influential
 from oprd.models.layers import pruned_config
 from oprd.models.lora import LoraSettings, add_lora
@@ -103,15 +104,14 @@ def local_path(spec: ModelSpec) -> str:
     A path that looks local (`./x`, `/x`, `~/x`, `a/b/c`, or `a/b` where `a` is a local folder) but does not exist is
     refused at once: treated as a hub id it would retry the network before saying anything useful.
     """
-    from oprd.demo import builtin
-
-    if spec.path in builtin.BUILTIN_MODELS:
-        return str(builtin.resolve_builtin(spec.path))
+    known = aliases()
+    if spec.path in known:
+        return str(known[spec.path].resolve(spec.path))
     path = Path(spec.path).expanduser()
     if not path.exists() and _looks_local(spec.path):
         raise ValueError(
             f"Model folder {spec.path} does not exist; check the path (or use a hub id such as "
-            f"`HuggingFaceTB/SmolLM2-135M-Instruct`, or a built-in alias: {', '.join(builtin.BUILTIN_MODELS)})."
+            f"`HuggingFaceTB/SmolLM2-135M-Instruct`, or a built-in alias: {', '.join(known)})."
         )
     return spec.path
 

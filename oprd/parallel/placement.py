@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from oprd.losses.lm_head import head_params
-from oprd.models.capture import Point
+from oprd.models.capture import Point, hidden_states, is_sharded
 from oprd.parallel.remote import RemoteTeacherConfig
-from oprd.parallel.sharding import gathered_head, hidden_states, is_sharded
+from oprd.parallel.sharding import gathered_head
 from oprd.rollout.engine import HFGenerateEngine
 from oprd.rollout.sampling import Rollout, RolloutConfig
 

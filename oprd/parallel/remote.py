@@ -124,7 +124,7 @@ class TeacherReplica:
     @torch.no_grad()
     def states(self, input_ids: Tensor, attention_mask: Tensor, points: Sequence[Point]) -> dict[Point, Tensor]:
         """The teacher's states `[b, t, d]` at `points`; the pass stops after the deepest."""
-        from oprd.parallel.sharding import hidden_states
+        from oprd.models.capture import hidden_states
 
         return hidden_states(self.model, list(points), self.layers_path, input_ids, attention_mask)
 

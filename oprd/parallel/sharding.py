@@ -9,8 +9,9 @@
   `DistillModule.configure_model`) shards each decoder layer and then the whole student (`shard_model`), and the
   projectors; with `shard_teacher: true` the
   teacher too (under DDP as well: a DDP student with an FSDP2 teacher). Sharded models run whole forward passes
-  (`full_forward_states`): hook-based early exit would skip FSDP's post-forward hooks. Generation passes
-  `synced_gpus=True` (a rank that stops sampling early would otherwise leave the others waiting in an all-gather).
+  (`oprd.models.capture.full_forward_states`): hook-based early exit would skip FSDP's post-forward hooks.
+  Generation passes `synced_gpus=True` (a rank that stops sampling early would otherwise leave the others waiting in
+  an all-gather).
 
 Global normalisation is the same for both: DDP and FSDP2 average gradients over ranks and Lightning divides by the
 accumulation count, so `DistillModule.on_before_optimizer_step` multiplies both back and divides by the all-reduced
@@ -26,11 +27,11 @@ from types import SimpleNamespace
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.constants import default_pg_timeout
 
 from oprd.losses.lm_head import head_params
-from oprd.models.capture import NORM, HiddenCapture, Point, forward_inputs
+from oprd.models.capture import NORM, Point, is_sharded
 from oprd.models.layers import find_final_norm, find_layers
 
 
@@ -101,37 +102,6 @@ def shard_model(model: nn.Module, mesh, layers_path: str | None = None, reshard_
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def full_forward_states(
-    model: nn.Module, points: Sequence[Point], layers_path: str | None, input_ids: Tensor, attention_mask: Tensor
-) -> dict[Point, Tensor]:
-    """Hidden states of a sharded model: a whole forward through the root, with the LM head on one position only.
-
-    FSDP2 gathers and frees weights in forward hooks of each unit; the early exit of `HiddenCapture` (an exception
-    raised in a hook) would skip those of the root. Costs the layers after the deepest capture point: none for the
-    default `uniform` map, whose deepest pair is the last layer.
-    """
-    capture = HiddenCapture(model, points, layers_path, stop_early=False)
-    with capture.capture() as states:
-        model(**forward_inputs(input_ids, attention_mask), logits_to_keep=1)
-        return capture.collected(states)
-
-
-def hidden_states(
-    model: nn.Module, points: Sequence[Point], layers_path: str | None, input_ids: Tensor, attention_mask: Tensor
-) -> dict[Point, Tensor]:
-    """Hidden states at `points`, `[b, t, d]` each: a pass that stops after the deepest point, or a whole forward
-    when the model is sharded (see `full_forward_states`)."""
-    if is_sharded(model):
-        return full_forward_states(model, points, layers_path, input_ids, attention_mask)
-    return HiddenCapture(model, points, layers_path).run(input_ids, attention_mask)
 
 
 def configure_sharding(

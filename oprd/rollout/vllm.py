@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from oprd.models.lora import merged
 from oprd.rollout.engine import RolloutEngine
 from oprd.rollout.sampling import Rollout, RolloutConfig, eos_ids, response_mask
-from oprd.training.checkpoint import rng_states, set_rng_states
+from oprd.training.rng import rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import signal
 import threading
@@ -26,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -34,6 +32,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from oprd.training.rng import rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -115,33 +115,6 @@ def keep_aside(last: str | Path) -> Path:
     except OSError:
         shutil.copy2(last, kept)
     return kept
-
-
-# ---- RNG states ---------------------------------------------------------------------------------------------------
-
-
-def rng_states() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states, in types that `torch.load(weights_only=True)` accepts."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (kind, keys.tolist(), position, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what `rng_states` captured (CUDA states only when the device count matches)."""
-    random.setstate(states["python"])
-    kind, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
