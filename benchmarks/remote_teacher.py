@@ -42,6 +42,7 @@ from benchmarks.common import (
     write_json,
 )
 from oprd.objective.bridge import BridgeProjectors
+from oprd.parallel.remote import first_read_position, shipped
 
 NAME = "remote_teacher"
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,8 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     module = cli.model
     roll = module.sample(next(iter(cli.datamodule.train_dataloader()))["prompt"], module.rollout_cfg, seed=0)
     states = module.pair.teacher_states(roll, module.objective.points("teacher"))
-    shipped = len(pickle.dumps({k: v.cpu() for k, v in states.items()}))
+    # What a replica sends: the states from the last prompt position on (`oprd.parallel.remote.shipped`).
+    payload = len(pickle.dumps(shipped({k: v.cpu() for k, v in states.items()}, first_read_position(roll))))
     pairs = len(module.objective.projectors.pairs)
     projectors = module.objective.projectors
     rank = projectors.config.rank if isinstance(projectors, BridgeProjectors) else None
@@ -95,8 +97,8 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
         "step_s": statistics.median(times.seconds[1:]),  # the first step warms up (imports, the head's fetch)
         "steps_timed": len(times.seconds) - 1,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "bytes_per_response_token": shipped / int(roll.response_mask.sum()),
-        "bytes_per_sequence_token": shipped / roll.input_ids.numel(),
+        "bytes_per_response_token": payload / int(roll.response_mask.sum()),
+        "bytes_per_sequence_token": payload / roll.input_ids.numel(),
         "bridge_bytes_per_token": pairs * (rank or 8) * 4,
         "topk_bytes_per_token": TOP_K * 8,
         "teacher_params": None if module.pair.remote else sum(p.numel() for p in module.pair.teacher.parameters()),

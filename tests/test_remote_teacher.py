@@ -46,11 +46,14 @@ def test_remote_states_heads_and_samples_equal_the_in_process_teacher():
     roll = local.pair.sample(PROMPTS, RolloutConfig(max_new_tokens=8), seed=3)
     points = local.objective.points("teacher", True)
     assert NORM in points  # a token term ships the final normed state: the trainer forms the logits
+    start = roll.prompt_length - 1  # the prompt's states stay on the replica: only the positions a term reads come
+    assert start > 0
     for _ in range(2):  # both replicas answer in turn
         mine, theirs = local.pair.teacher_states(roll, points), away.pair.teacher_states(roll, points)
         assert mine.keys() == theirs.keys()
         for point in mine:
-            assert torch.equal(mine[point], theirs[point]), point
+            assert torch.equal(mine[point][:, start:], theirs[point][:, start:]), point
+            assert mine[point].shape == theirs[point].shape and not theirs[point][:, :start].any()
     assert torch.equal(local.pair.heads().teacher.weight, away.pair.heads().teacher.weight)
     config = RolloutConfig(max_new_tokens=8, temperature=1.0)
     a = local.pair.sample(PROMPTS, config, seed=5, model=local.pair.teacher)

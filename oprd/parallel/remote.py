@@ -6,12 +6,15 @@ Shape legend:
     d  teacher width
     v  vocabulary
 
-The trainer sends token ids `[b, t]`, the attention mask and the capture points the objective needs; a replica runs
-the same early-exit pass an in-process teacher runs (`hidden_states`) and sends back the states `[b, t, d]` at those
-points, in the teacher's dtype. A token-space term asks for the final normed state (`norm`) too, and the trainer
-forms the teacher's logits from it chunk by chunk with the teacher's LM head `[v, d]`, fetched once: the only part of
-the teacher the trainer holds, so every token objective is as exact as with the teacher in-process (NeMo-RL and
-verl's Nitrobrew ship pre-head states for the same reason: full logits are ~v/d times larger).
+The trainer sends token ids `[b, t]`, the attention mask and the capture points the objective needs; a replica runs the
+same early-exit pass an in-process teacher runs (`hidden_states`) and sends back the states at those points, in the
+teacher's dtype, from the last prompt position on (`[b, t - start, d]`, `start = prompt_length - 1`): every term reads
+the response positions and the position before the first response token only, so the prompt's states stay on the
+replica, and the trainer fills their place with zeros that every mask drops. A token-space term asks for the final
+normed state (`norm`) too, and the trainer forms the teacher's logits from it chunk by chunk with the teacher's LM head
+`[v, d]`, fetched once: the only part of the teacher the trainer holds, so every token objective is as exact as with the
+teacher in-process (NeMo-RL and verl's Nitrobrew ship pre-head states for the same reason: full logits are ~v/d times
+larger).
 
 Requests go to the replicas in turn, one whole request per replica, so a replica computes exactly what an
 in-process teacher with the same thread count computes (bitwise). A replica that dies has its request retried on
@@ -122,11 +125,15 @@ class TeacherReplica:
         return {**self.identity, "pid": os.getpid()}
 
     @torch.no_grad()
-    def states(self, input_ids: Tensor, attention_mask: Tensor, points: Sequence[Point]) -> dict[Point, Tensor]:
-        """The teacher's states `[b, t, d]` at `points`; the pass stops after the deepest."""
+    def states(
+        self, input_ids: Tensor, attention_mask: Tensor, points: Sequence[Point], start: int = 0
+    ) -> dict[Point, Tensor]:
+        """The teacher's states at `points` from position `start` on, `[b, t - start, d]` (copies: only they are
+        sent); the pass stops after the deepest point."""
         from oprd.models.capture import hidden_states
 
-        return hidden_states(self.model, list(points), self.layers_path, input_ids, attention_mask)
+        states = hidden_states(self.model, list(points), self.layers_path, input_ids, attention_mask)
+        return shipped(states, start)
 
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The LM head's `(weight [v, d], bias [v] or None)`."""
@@ -139,6 +146,24 @@ class TeacherReplica:
     def generate(self, input_ids: Tensor, attention_mask: Tensor, config: RolloutConfig, seed: int | None) -> Rollout:
         """The teacher's own responses (sequence-level KD, or scoring the teacher)."""
         return HFGenerateEngine().generate(self.model, self.tokenizer, input_ids, attention_mask, config, seed=seed)
+
+
+def first_read_position(roll: Rollout) -> int:
+    """The first position any term reads: the last prompt position, whose output predicts the first response token
+    (prompts are left-padded to one width, so responses start at the same column in every row)."""
+    return max(roll.prompt_length - 1, 0)
+
+
+def shipped(states: dict[Point, Tensor], start: int) -> dict[Point, Tensor]:
+    """What a replica sends: each state from position `start` on, copied so that only that part is serialised."""
+    return {point: state[:, start:].clone() for point, state in states.items()}
+
+
+def restored(state: Tensor, start: int) -> Tensor:
+    """A shipped state `[b, t - start, d]` back at full length `[b, t, d]`, zeros before `start`."""
+    if start == 0:
+        return state
+    return torch.cat([state.new_zeros(state.shape[0], start, *state.shape[2:]), state], dim=1)
 
 
 def _ray():
@@ -265,9 +290,9 @@ class RemoteTeacher:
         self, roll: Rollout, points: Sequence[Point], layers_path: str | None, device: torch.device
     ) -> dict[Point, Tensor]:
         """The teacher's states at `points` for `roll`'s sequences, on `device`."""
-        ids, mask = roll.input_ids.cpu(), roll.attention_mask.cpu()
-        states = self._call("states", ids, mask, list(points))
-        return {point: state.to(device) for point, state in states.items()}
+        ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
+        states = self._call("states", ids, mask, list(points), start)
+        return {point: restored(state, start).to(device) for point, state in states.items()}
 
     def generate(
         self,
