@@ -12,7 +12,9 @@ from typing import Any
 
 from oprd.losses.token import TokenLossConfig
 from oprd.models import TINY_STUDENT, TINY_TEACHER, ModelSpec
+from oprd.models.depth import DepthPrune
 from oprd.models.lora import frozen_base_keys
+from oprd.models.width import WidthPrune
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
@@ -31,7 +33,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "opd_top16_dense": {"hidden_weight": 0.0, "token_loss": {**TOP16, "chunk_size": 0}},
     # OPRD Eq. 7: reverse KL + hidden MSE, the hidden term rescaled to the KL's magnitude (configs/mix.yaml).
     "mix": {"hidden_weight": 1.0, "token_weight": 1.0, "balance": True, "token_loss": EXACT},
+    # Logit KD: the exact forward KL (configs/compress.yaml's objective), chunked.
+    "kd": {"hidden_weight": 0.0, "token_loss": {"objective": "forward_kl", "estimator": "exact"}},
 }
+
+
+PAIRS = ("arith", "pruned", "compress")
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,8 @@ class Pair:
     """A teacher and the student that learns from it."""
 
     name: str
-    """`arith` (task-specialised teacher -> plain student) or `pruned` (teacher -> its every-other-layer copy)."""
+    """`arith` (task-specialised teacher -> plain student), `pruned` (teacher -> its every-other-layer copy) or
+    `compress` (the arithmetic teacher -> its depth- and width-pruned copy, configs/compress.yaml's student)."""
     teacher: ModelSpec
     """The frozen teacher."""
     student: ModelSpec
@@ -51,16 +59,17 @@ class Pair:
 
 
 def make_pair(name: str, models: str = "smollm2", dtype: str = "float32") -> Pair:
-    """The `arith` or `pruned` pair on the built-in SmolLM2 models (`smollm2`) or on tiny random ones (`tiny`)."""
-    if name not in ("arith", "pruned"):
-        raise ValueError(f"Unknown pair {name!r}; choose arith or pruned.")
+    """The `arith`, `pruned` or `compress` pair on the built-in SmolLM2 models (`smollm2`) or on tiny random ones
+    (`tiny`)."""
+    if name not in PAIRS:
+        raise ValueError(f"Unknown pair {name!r}; choose {', '.join(PAIRS)}.")
     if models == "tiny":
         teacher = ModelSpec(config=TINY_TEACHER, seed=1)
         student = ModelSpec(config=TINY_STUDENT, seed=2)
         tokenizer, extra = "tiny", {"max_prompt_length": 64}
     elif models == "smollm2":
         base = ModelSpec(path="smollm2-135m-instruct", dtype=dtype)
-        teacher = ModelSpec(path="smollm2-135m-instruct-arith", dtype=dtype) if name == "arith" else base
+        teacher = ModelSpec(path="smollm2-135m-instruct-arith", dtype=dtype) if name != "pruned" else base
         student, tokenizer, extra = base, None, {}
     else:
         raise ValueError(f"Unknown models {models!r}; choose smollm2 or tiny.")
@@ -68,6 +77,13 @@ def make_pair(name: str, models: str = "smollm2", dtype: str = "float32") -> Pai
         # The teacher's every other layer; student layer i stands in for teacher layers 2i and 2i + 1 and learns the
         # output of the block's last one (`layer_map: pruned`, see oprd.models.prune.pruned_layer_map).
         student = replace(teacher, keep_every=2)
+        extra["layer_map"] = "pruned"
+    if name == "compress":  # configs/compress.yaml's student: 20 layers by block influence, then 2/3 of the width
+        tiny = models == "tiny"
+        depth = DepthPrune(num_layers=2 if tiny else 20)
+        width = WidthPrune(hidden_size=48 if tiny else 384, num_attention_heads=4 if tiny else 6,
+                           intermediate_size=96 if tiny else 1024)  # fmt: skip
+        student = replace(teacher, depth=depth, width=width)
         extra["layer_map"] = "pruned"
     return Pair(name, teacher, student, tokenizer=tokenizer, module_kwargs=extra)
 

@@ -54,7 +54,7 @@ from benchmarks.common import (
     timed,
 )
 from benchmarks.common import write_json as write_results
-from benchmarks.setups import activate, build_module, make_pair, share_models
+from benchmarks.setups import PAIRS, activate, build_module, make_pair, share_models
 from oprd.data import arithmetic_examples
 from oprd.models import DTYPES
 from oprd.models.capture import HiddenCapture, forward_inputs
@@ -66,6 +66,7 @@ from oprd.training.throughput import SavedBytes
 NAME = "step"
 FULL_TEACHER = "oprd_full_teacher"
 VARIANTS = ["oprd", FULL_TEACHER, "opd_dense", "opd", "opd_top16_dense", "opd_top16", "mix"]
+"""The default variants; `kd` (forward KL, configs/compress.yaml's objective) runs when named."""
 QUICK_VARIANTS = ["oprd", FULL_TEACHER, "opd", "opd_top16_dense"]
 # The OPRD paper (arXiv 2606.06021): one update step of OPRD vs OPD top-16 on GPUs.
 PAPER = {"memory_ratio": 0.46, "speedup": 1.44}
@@ -343,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2, 8 response tokens, 4 variants: under a minute")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
-    parser.add_argument("--pair", choices=["pruned", "arith"], default="pruned", help="teacher/student pair")
+    parser.add_argument("--pair", choices=PAIRS, default="pruned", help="teacher/student pair")
     parser.add_argument("--models", choices=["smollm2", "tiny"], default="smollm2", help="real or tiny random models")
     parser.add_argument("--batch", type=int, default=4, help="prompts per step (headline setting: 8)")
     parser.add_argument("--response-tokens", type=int, default=64, help="response length (headline setting: 1024)")
@@ -353,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="student activation checkpointing (default on)",
     )
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="methods to run")
+    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, "kd"], default=VARIANTS, help="methods to run")
     parser.add_argument("--repeats", type=int, default=1, help="timed updates per variant after the probed one")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

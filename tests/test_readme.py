@@ -36,7 +36,7 @@ def readme_commands() -> list[str]:
 
 def on_tiny(command: str) -> list[str]:
     """The command on the tiny config, the venv's `oprd`, a short fit."""
-    command = re.sub(r"configs/(quickstart|pruned)\.yaml|my\.yaml", "configs/tiny.yaml", command)
+    command = re.sub(r"configs/(quickstart|pruned|compress)\.yaml|my\.yaml", "configs/tiny.yaml", command)
     command = command.replace("runs/quickstart/", "runs/tiny/")
     words = shlex.split(command)
     words[0] = OPRD

@@ -127,15 +127,17 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     rows = [r for r in result["rows"] if r["split"] == "test"]
     runs = sorted({(r["objective"], r["lr"]) for r in rows}, key=str)
-    panels = [("step", "reverse_kl"), ("train_s", "reverse_kl"), ("step", "accuracy"), ("step", "repetition")]
+    panels = [("step", "reverse_kl"), ("train_s", "reverse_kl"), ("step", "accuracy"), ("train_s", "accuracy"),
+              ("step", "repetition")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.8))
     chosen = result["summary"]["objectives"]
     colors = {objective: f"C{i}" for i, objective in enumerate(chosen)}
     for ax, (x, y) in zip(axes, panels, strict=False):
         for objective, lr in runs:
             curve = [r for r in rows if r["objective"] == objective and r["lr"] == lr and r.get(y) is not None]
-            best = chosen[objective]["lr"] == lr and chosen[objective].get("how") != "none"
-            label = f"{objective} lr={_number(lr)}" + (" (chosen)" if best else "")
+            how = chosen[objective].get("how")
+            best = chosen[objective]["lr"] == lr and how != "none"
+            label = f"{objective} lr={_number(lr)}" + (f" ({how})" if best else "")
             ax.plot([r[x] for r in curve], [r[y] for r in curve], marker="o", markersize=3, label=label,
                     color=colors[objective], linewidth=2 if best else 0.8, alpha=1 if best else 0.4,
                     linestyle="-" if best else "--")  # fmt: skip
