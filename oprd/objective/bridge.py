@@ -140,6 +140,13 @@ def pca(rows: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return mean.float(), top.float(), float(values[-rank:].sum() / values.sum().clamp_min(1e-30))
 
 
+def split_rows(rows: int, holdout: float, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded split of `rows` row indices: (fit, held out), the held-out part a `holdout` fraction (at least one)."""
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    held = max(int(holdout * rows), 1)
+    return order[held:], order[:held]
+
+
 def regress(inputs: Tensor, targets: Tensor, config: BridgeConfig, seed: int = 0) -> tuple[Tensor, Tensor, float]:
     """Ridge least squares `targets ~ inputs @ W.T + b` on a seeded training split; the held-out cosine of the fit.
 
@@ -147,9 +154,7 @@ def regress(inputs: Tensor, targets: Tensor, config: BridgeConfig, seed: int = 0
         weight `[r, d_s]`, bias `[r]` (float32) and the mean held-out cosine between prediction and target.
     """
     x, y = inputs.double(), targets.double()
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    held = max(int(config.holdout * x.shape[0]), 1)
-    train, test = order[held:], order[:held]
+    train, test = split_rows(x.shape[0], config.holdout, seed)
     x_mean, y_mean = x[train].mean(0), y[train].mean(0)
     xc, yc = x[train] - x_mean, y[train] - y_mean
     ridge = config.ridge * xc.pow(2).mean() * xc.shape[0]

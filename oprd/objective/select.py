@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oprd.models.capture import Point
-from oprd.objective.bridge import BridgeConfig
+from oprd.objective.bridge import BridgeConfig, split_rows
 from oprd.objective.projectors import pair_label
 
 
@@ -87,9 +87,7 @@ class SelectProjectors(nn.Module):
         report = {}
         for label in self.labels:
             x, y = student_rows[label].double(), teacher_rows[label].double()
-            order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-            held = max(int(self.config.holdout * x.shape[0]), 1)
-            train, test = order[held:], order[:held]
+            train, test = split_rows(x.shape[0], self.config.holdout, seed)
             channels = match_channels(correlation(x[train], y[train]))
             self.channels(label).copy_(channels)
             variance = y[train].var(dim=0)
