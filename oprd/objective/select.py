@@ -5,7 +5,7 @@ Shape legend:
     d_s  student width
     d_t  teacher width
 
-Flex-KD (arXiv 2507.10155) reports that learned linear projectors distort the teacher's states, and distils a
+Flex-KD reports that learned linear projectors distort the teacher's states, and distils a
 narrower student on a selection of the teacher's own hidden units instead, with nothing learned in between. Here the
 selection is a one-to-one matching of the student's `d_s` channels to `d_s` of the teacher's, by correlation on
 states collected before the first step (the Bridge's calibration rollouts). A width-pruned student copied its
