@@ -39,20 +39,8 @@ def parse_fit(args: list[str]) -> Namespace:
     with warnings.catch_warnings():  # sys.argv holds `oprd compare`'s command line; this run's is `args`, as meant
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         config = build_cli(args, cli_class=ParseOnly).config
-    checked = config.clone()
-    # `fit` checks that its output folder can be written by creating it; here that folder is inside --out, which must
-    # stay untouched until every check has passed: check the folder it would be created in instead.
-    checked.trainer.default_root_dir = str(existing_parent(Path(config.trainer.default_root_dir)))
-    preflight.check_config("fit", checked)
+    preflight.check_config("fit", config)  # creates nothing: --out stays untouched until every check has passed
     return config
-
-
-def existing_parent(path: Path) -> Path:
-    """`path` itself if it exists, else its nearest existing parent folder."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 class CliFits:
