@@ -73,6 +73,9 @@ class BridgeProjectors(nn.Module):
     calibration has run: a resumed run does not redo it.
     """
 
+    kind = "bridge"
+    """The prefix of the calibration's metrics."""
+
     def __init__(
         self, pairs: Sequence[tuple[Point, Point]], student_width: int, teacher_width: int, config: BridgeConfig
     ) -> None:
@@ -89,6 +92,13 @@ class BridgeProjectors(nn.Module):
     @property
     def labels(self) -> list[str]:
         return [pair_label(pair) for pair in self.pairs]
+
+    def calibrated_message(self, rows: int, explained: float, cosine: float) -> str:
+        """What the calibration log says, given its means over layers."""
+        return (
+            f"Bridge calibrated on {rows} rows per layer: rank-{self.config.rank} bases keep {100 * explained:.1f}% "
+            f"of the teacher's variance (mean over layers); student projectors reach held-out cosine {cosine:.3f}."
+        )
 
     def forward(self, student_states: dict[Point, Tensor]) -> dict[str, Tensor]:
         """Each pair's student state `[b, t, d_s]` -> `[b, t, r]`."""

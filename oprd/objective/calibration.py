@@ -10,8 +10,6 @@ import logging
 import torch
 from rich.progress import track
 
-from oprd.objective.select import SelectProjectors
-
 log = logging.getLogger(__name__)
 
 
@@ -45,28 +43,16 @@ def collect_rows(module, prompts: list[str], batch_size: int) -> tuple[dict, dic
 
 def calibrate_projectors(module, prompts: list[str], batch_size: int) -> dict[str, float]:
     """Collect rows, fit the projectors, and return their metrics: `<kind>/explained/<pair>` and
-    `<kind>/cosine/<pair>`, kind `bridge` or `select`."""
+    `<kind>/cosine/<pair>`, with the projectors' `kind` (`bridge` or `select`)."""
     student, teacher = collect_rows(module, prompts, batch_size)
     rows = min(len(v) for v in student.values())
     projectors = module.objective.projectors
     report = projectors.calibrate(student, teacher, seed=module.hparams.seed)
-    kind = "select" if isinstance(projectors, SelectProjectors) else "bridge"
     metrics = {}
     for label, values in report.items():
-        metrics[f"{kind}/explained/{label}"] = values["explained"]
-        metrics[f"{kind}/cosine/{label}"] = values["cosine"]
+        metrics[f"{projectors.kind}/explained/{label}"] = values["explained"]
+        metrics[f"{projectors.kind}/cosine/{label}"] = values["cosine"]
     mean_cos = sum(v["cosine"] for v in report.values()) / len(report)
     mean_var = sum(v["explained"] for v in report.values()) / len(report)
-    if kind == "select":
-        log.info(
-            "select: matched the student's channels to the teacher's on %d rows per layer: the chosen channels hold "
-            "%.1f%% of the teacher's variance and reach held-out cosine %.3f (means over layers).",
-            rows, 100 * mean_var, mean_cos,
-        )  # fmt: skip
-        return metrics
-    log.info(
-        "Bridge calibrated on %d rows per layer: rank-%d bases keep %.1f%% of the teacher's variance (mean over "
-        "layers); student projectors reach held-out cosine %.3f.",
-        rows, projectors.config.rank, 100 * mean_var, mean_cos,
-    )  # fmt: skip
+    log.info(projectors.calibrated_message(rows, mean_var, mean_cos))
     return metrics

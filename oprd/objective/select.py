@@ -44,6 +44,9 @@ class SelectProjectors(nn.Module):
         config: the calibration's collection settings (`rows`, `batches`, `holdout`), shared with the Bridge.
     """
 
+    kind = "select"
+    """The prefix of the calibration's metrics."""
+
     def __init__(
         self, pairs: Sequence[tuple[Point, Point]], student_width: int, teacher_width: int, config: BridgeConfig
     ) -> None:
@@ -60,6 +63,14 @@ class SelectProjectors(nn.Module):
 
     def channels(self, label: str) -> Tensor:
         return getattr(self, f"channels_{label}")
+
+    def calibrated_message(self, rows: int, explained: float, cosine: float) -> str:
+        """What the calibration log says, given its means over layers."""
+        return (
+            f"select: matched the student's channels to the teacher's on {rows} rows per layer: the chosen channels "
+            f"hold {100 * explained:.1f}% of the teacher's variance and reach held-out cosine {cosine:.3f} (means "
+            "over layers)."
+        )
 
     def forward(self, student_states: dict[Point, Tensor]) -> dict[str, Tensor]:
         """Each pair's student state `[b, t, d_s]`, as it is."""
