@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(VENV)/bin/oprd fit --config configs/quickstart.yaml
 
+# Two test processes of one thread each: most tests build small models and run short Lightning fits, where a second
+# process gains more than a second thread. Tests that share a cluster or a built model run on one worker
+# (`xdist_group`); OMP_NUM_THREADS reaches the runs the tests start in subprocesses too.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow and not gpu" -q -n 2 --dist loadgroup
 
 test-slow: setup
 	$(PY) -m pytest -m "slow or gpu" -q
@@ -52,8 +55,8 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 # The vLLM engine's tests, and the tests of what depends on the transformers version (model internals: capture, heads
 # of every family, pruning, generation, export, LoRA) once more under the vLLM environment's transformers 5.19. The
 # rest of the suite (Lightning, CLI, compare, resume) does not change with transformers and runs once, in `make test`.
-VLLM_ENV_TESTS := tests/test_vllm.py tests/test_capture.py tests/test_families.py tests/test_lm_head.py \
-	tests/test_models.py tests/test_prune.py tests/test_width.py tests/test_rollout.py tests/test_export.py tests/test_lora.py
+VLLM_ENV_TESTS := tests/rollout/test_vllm.py tests/rollout/test_rollout.py tests/losses/test_lm_head.py tests/test_export.py \
+	$(addprefix tests/models/,test_capture.py test_families.py test_models.py test_prune.py test_width.py test_lora.py)
 
 test-vllm: venv-vllm
 	$(VLLM_PY) -m pytest -m "not slow and not gpu" -q $(VLLM_ENV_TESTS)

@@ -169,7 +169,7 @@ def run(args) -> tuple[list[dict], dict]:
                 scorer.student = scorer.pair.student = student
             else:
                 scorer, measured = train_oprd(method, lr, pair, items, args)
-            scores = {split: evaluate(scorer.eval(), part, args.eval_batch) for split, part in halves.items()}
+            scores = {split: evaluate(scorer.eval().distiller, part, args.eval_batch) for split, part in halves.items()}
             rows.append({
                 "method": method, "lr": lr, "step_s": statistics.median(measured["seconds"]),
                 "update_peak_mib": measured["peak_mib"], "memory": measured["memory"], "steps": measured["steps"],

@@ -86,7 +86,9 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     cli.trainer.callbacks[:] = [times]
     cli.trainer.fit(cli.model, cli.datamodule)
     module = cli.model
-    roll = module.sample(next(iter(cli.datamodule.train_dataloader()))["prompt"], module.rollout_cfg, seed=0)
+    roll = module.distiller.sample(
+        next(iter(cli.datamodule.train_dataloader()))["prompt"], module.distiller.rollout, seed=0
+    )
     states = module.pair.teacher_states(roll, module.objective.points("teacher"))
     # What a replica sends: the states from the last prompt position on (`oprd.parallel.remote.shipped`).
     payload = len(pickle.dumps(shipped({k: v.cpu() for k, v in states.items()}, first_read_position(roll))))

@@ -114,8 +114,8 @@ def build_module(
 def share_models(module: DistillModule, reference: DistillModule) -> DistillModule:
     """Make `module` use `reference`'s teacher and student (same weights, one copy in memory).
 
-    Each module froze what its own loss cannot reach (`module.frozen`); call `activate` before using the shared
-    student through `module`.
+    Each module froze what its own loss cannot reach (`module.distiller.frozen`); call `activate` before using the
+    shared student through `module`.
     """
     module.student = module.pair.student = reference.student
     module.pair.frozen_teacher = reference.pair.frozen_teacher
@@ -123,8 +123,8 @@ def share_models(module: DistillModule, reference: DistillModule) -> DistillModu
 
 
 def activate(module: DistillModule) -> None:
-    """Give the (possibly shared) student the trainable set of `module`'s own loss: all but `module.frozen` (and,
-    for a LoRA student, all but the adapters)."""
-    frozen = set(module.frozen) | frozen_base_keys(module.student)
+    """Give the (possibly shared) student the trainable set of `module`'s own loss: all but its `distiller.frozen`
+    (and, for a LoRA student, all but the adapters)."""
+    frozen = set(module.distiller.frozen) | frozen_base_keys(module.student)
     for name, param in module.student.named_parameters():
         param.requires_grad_(name not in frozen)

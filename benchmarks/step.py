@@ -99,7 +99,7 @@ def student_pass(module: DistillModule, roll: Rollout, teacher_states: dict, sav
     """The rest of the training step's update (`DistillModule.distill` on the given teacher states) and backward,
     the forward under the saved-bytes probe when given."""
     with saved.track() if saved is not None else contextlib.nullcontext():
-        terms = module.distill(roll, teacher=teacher_states)
+        terms = module.distiller.distill(roll, teacher=teacher_states)
     tokens = terms.tokens.clamp_min(1)  # response tokens, or those a hidden term alone selects
     (terms.loss / tokens).backward()  # what the optimizer sees after global normalisation
     metrics = terms.metrics()
@@ -179,7 +179,7 @@ def fixed_length_rollout(module: DistillModule, args, device) -> tuple[Rollout, 
     config = RolloutConfig(max_new_tokens=args.response_tokens, temperature=1.0)
     module.student.generation_config.min_new_tokens = args.response_tokens
     try:
-        return timed(lambda: module.sample(prompts, config, seed=args.seed), device)
+        return timed(lambda: module.distiller.sample(prompts, config, seed=args.seed), device)
     finally:
         module.student.generation_config.min_new_tokens = None
 
@@ -192,9 +192,11 @@ def engine_rollouts(module: DistillModule, args, device) -> list[dict]:
     for name in args.engines:
         module.pair.engine = get_engine(name)
         config = RolloutConfig(max_new_tokens=args.response_tokens, temperature=1.0, engine=name)
-        module.sample(prompts, config, seed=args.seed + 1)  # warm-up
+        module.distiller.sample(prompts, config, seed=args.seed + 1)  # warm-up
         seeds = [args.seed + 2 + i for i in range(3)]
-        samples = [timed(lambda c=config, s=seed: module.sample(prompts, c, seed=s), device) for seed in seeds]
+        samples = [
+            timed(lambda c=config, s=seed: module.distiller.sample(prompts, c, seed=s), device) for seed in seeds
+        ]
         tokens = sum(int(roll.response_mask.sum()) for roll, _ in samples)
         seconds = sum(s for _, s in samples)
         rows.append(

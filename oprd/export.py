@@ -30,11 +30,6 @@ EXPORT_MARKER = "oprd_export.json"
 """Written into every export: the files it holds, so `--overwrite` can tell an earlier export from other files."""
 
 
-def export_student(module, folder: str | Path, overwrite: bool = False) -> Path:
-    """Save a DistillModule's student and tokenizer into `folder` (see `save_folder`)."""
-    return save_folder(module.student, module.pair.tokenizer, folder, overwrite)
-
-
 def export_checkpoint(
     ckpt_path: str | Path,
     folder: str | Path,

@@ -1,14 +1,15 @@
 """DistillModule: on-policy representation distillation as a LightningModule (the Lightning hooks only).
 
-training_step: rollout -> teacher states -> student states -> objective -> log. The models, their sampling and
-capture are `oprd.pair`; what is learned besides the student and how the terms mix, `oprd.objective`; held-out
-scoring, `oprd.evaluation`; sharding and teacher placement, `oprd.parallel`; optimizer, faults and throughput,
-`oprd.training`.
+The work is the `oprd.distiller.Distiller`'s (responses, states, objective, calibration); held-out scoring is
+`oprd.evaluation`'s; sharding and teacher placement, `oprd.parallel`'s; optimizer, faults and throughput,
+`oprd.training`'s. training_step: the Distiller's responses and terms -> fault check -> log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,24 +18,20 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from oprd.evaluation.scoring import ANSWERED, Responder, prompts_covered, score
+from oprd.distiller import Distiller, EvalConfig, Responder
+from oprd.evaluation.scoring import ANSWERED, prompts_covered, score
 from oprd.hparams import to_plain, typed_model_args
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
-from oprd.models.capture import NORM, Point
 from oprd.models.lora import frozen_base_keys
 from oprd.models.spec import ModelSpec
 from oprd.objective.bridge import BridgeConfig
-from oprd.objective.calibration import calibrate_projectors
-from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
-from oprd.objective.objective import LossTerms, Objective, Projector
-from oprd.pair import ModelPair, PairConfigs, choose_student_layers
+from oprd.objective.layer_map import LayerMapSpec
+from oprd.objective.objective import ObjectiveConfig, Projector
 from oprd.parallel.placement import TeacherPlacement
 from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
-from oprd.parallel.sharding import configure_sharding, freeze_unreached, synced_generation
-from oprd.rollout.engine import get_engine
-from oprd.rollout.mixing import coin_seed, step_responses
-from oprd.rollout.sampling import Rollout, RolloutConfig, rollout_seed
+from oprd.parallel.sharding import configure_sharding, synced_generation
+from oprd.rollout.sampling import RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import NonFinite, NonFiniteGuard
 from oprd.training.optim import OptimConfig, build_optimizer, retune_saved_optimizer, scale_gradients
@@ -117,45 +114,36 @@ class DistillModule(L.LightningModule):
         args = typed_model_args(self.hparams)  # every setting checked before anything loads
         for key, value in self.hparams.items():
             self.hparams[key] = to_plain(value)
-        self.rollout_cfg, self.optim_cfg = args["rollout"], args["optim"]
-        max_new_tokens = max(self.rollout_cfg.max_new_tokens, val_max_new_tokens or 0)
-        student = choose_student_layers(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
-        if student is not args["student"]:  # the layers chosen by importance go into every checkpoint
-            args["student"], self.hparams["student"] = student, to_plain(student)
+        self.optim_cfg = args["optim"]
+        objective = ObjectiveConfig(**{f.name: args[f.name] for f in dataclasses.fields(ObjectiveConfig)})
+        evaluation = EvalConfig(val_max_new_tokens, eval_model, eval_samples, eval_temperature, eval_top_p)
         placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher, args["remote_teacher"])
-        engine = get_engine(self.rollout_cfg.engine)
-        # Configs first: a bad layer map, vocabulary or position limit fails before any weights load.
-        configs = PairConfigs.read(args["teacher"], args["student"], tokenizer, max_prompt_length, max_new_tokens)
-        s_cfg, t_cfg = configs.student, configs.teacher
-        pairs = resolve_layer_map(layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, configs.kept)
-        self.objective = Objective(
-            pairs, s_cfg, t_cfg, len(configs.tokenizer), args["hidden_loss"], hidden_weight, args["token_loss"],
-            token_weight, balance, seed, projector, args["bridge"],
-        )  # fmt: skip
-        self.pair = ModelPair(
-            args["teacher"], args["student"], configs, placement, engine, max_prompt_length, truncate_prompts
+        self.distiller = Distiller.build(
+            args["teacher"],
+            args["student"],
+            objective,
+            args["rollout"],
+            evaluation,
+            tokenizer=tokenizer,
+            max_prompt_length=max_prompt_length,
+            truncate_prompts=truncate_prompts,
+            placement=placement,
+            seed=seed,
         )
-        self.student = self.pair.student
-        # Projectors are float32 (bf16/fp16 states are compared in float32) unless the student is float64: then the
-        # whole step stays float64, so two orders of the same computation can be compared far below float32 round-off.
-        self.objective.projectors.to(torch.promote_types(next(self.student.parameters()).dtype, torch.float32))
-        # What the loss cannot reach gets no gradient: frozen, so DDP finds no unused parameters.
-        points, layers = self.objective.points("student"), self.pair.layers_paths["student"]
-        self.frozen = freeze_unreached(self.student, points, layers, self.objective.needs_head)
+        if self.distiller.student_spec is not args["student"]:  # layers chosen by importance go into every checkpoint
+            self.hparams["student"] = to_plain(self.distiller.student_spec)
+        self.pair, self.student, self.objective = self.distiller.pair, self.distiller.student, self.distiller.objective
         self.guard = NonFiniteGuard(nonfinite, nonfinite_max_skips, keep_last_good)
         self.meter, self._step_tokens, self._synced_step, self._update_tokens = StepMeter(), torch.zeros(()), 0, 0
 
     # ---- the step -------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
-        self.pair.engine.wake()
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        lmbda = self.rollout_cfg.lmbda_at(self.global_step)
         with self._saved_if_teacher_lost():
-            roll, on_policy = step_responses(self, batch, seed, coin_seed(self.hparams.seed, self.global_step), lmbda)
-            self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
+            roll, on_policy, lmbda = self.distiller.step_responses(batch, self.global_step, seed)
             self.meter.rollout_done(int(roll.response_mask.sum()))
-            terms = self.distill(roll)
+            terms = self.distiller.distill(roll)
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch
@@ -163,7 +151,7 @@ class DistillModule(L.LightningModule):
         self._step_tokens = self._step_tokens.to(tokens.device) + tokens
         metrics = {f"train/{name}": value for name, value in terms.metrics().items()}
         metrics["train/response_length"] = roll.response_lengths.float().mean()
-        if self.rollout_cfg.mixes:
+        if self.distiller.rollout.mixes:
             metrics["train/on_policy"], metrics["train/lmbda"] = float(on_policy), lmbda
         self.log_dict(metrics, batch_size=len(roll.input_ids))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(roll.input_ids))
@@ -180,29 +168,6 @@ class DistillModule(L.LightningModule):
             path = Path(self.trainer.default_root_dir) / f"teacher-lost-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(path, weights_only=False)
             raise TeacherUnavailable(f"{err} The run before step {self.global_step} is saved in {path}.") from err
-
-    def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
-        """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
-        the objective."""
-        teacher = self.pair.teacher_states(roll, self.objective.points("teacher")) if teacher is None else teacher
-        gap = roll.logprobs is not None  # the engine reports its log-probs: check it samples this policy
-        student = self.pair.student_states(roll, self.objective.points("student", self.objective.needs_head or gap))
-        heads = self.pair.heads() if self.objective.needs_head or gap else None
-        terms = self.objective(student, teacher, roll, heads if self.objective.needs_head else None)
-        if gap:
-            terms.rollout_logprob_gap = self.objective.rollout_logprob_gap(student[NORM], roll, heads)
-        return terms
-
-    def states(self, roll: Rollout, head: bool | None = None) -> tuple[dict[Point, Tensor], dict[Point, Tensor]]:
-        """Student states (with gradient when enabled) and teacher states (no grad), `[b, t, d]` per capture point of
-        the objective; `head` adds the final normed states (default: when the objective has a token-space term)."""
-        teacher = self.pair.teacher_states(roll, self.objective.points("teacher", head))
-        return self.pair.student_states(roll, self.objective.points("student", head)), teacher
-
-    def sample(self, prompts: list[str], config: RolloutConfig, seed: int | None = None, model=None) -> Rollout:
-        """Responses of `model` (default: the student), in lock-step across ranks where the strategy needs it."""
-        synced = synced_generation(_attached_trainer(self), model or self.student)
-        return self.pair.sample(prompts, config, seed=seed, model=model, synced=synced)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Exact global normalisation: micro-batches returned sums; Lightning divided them by the accumulation
@@ -221,7 +186,7 @@ class DistillModule(L.LightningModule):
 
     def calibrate(self) -> dict[str, float]:
         """Calibrate the projectors (Bridge, select) on the training prompts if they are not calibrated yet (every
-        rank: the rollouts may be in lock-step); returns its metrics, empty when there was nothing to do.
+        rank: the rollouts may be in lock-step), and log their metrics; empty when there was nothing to do.
 
         The module calls it before the first step; a callback that scores the student before training calls it
         first, so that what it scores is what trains (an uncalibrated Bridge scores cosine 0).
@@ -229,8 +194,7 @@ class DistillModule(L.LightningModule):
         if not self.objective.needs_calibration:
             return {}
         data = self.trainer.datamodule
-        prompts = [item["prompt"] for item in data.train_items]
-        metrics = calibrate_projectors(self, prompts, data.hparams.batch_size)
+        metrics = self.distiller.calibrate([item["prompt"] for item in data.train_items], data.hparams.batch_size)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         return metrics
@@ -261,20 +225,22 @@ class DistillModule(L.LightningModule):
     def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
         """Score a held-out batch and log `<prefix>/<metric>`: each metric's epoch value is weighted by the prompts it
         covers (accuracy by the answered ones), `<prefix>/answered` is their total."""
-        metrics, _ = score(self, batch["prompt"], batch["answer"], self.hparams.eval_model)
+        metrics, _ = score(self.distiller, batch["prompt"], batch["answer"], self.distiller.evaluation.model)
         for name, count in prompts_covered(metrics, len(batch["prompt"])).items():
             reduce_fx = "sum" if name == ANSWERED else "mean"
             self.log(f"{prefix}/{name}", metrics[name], sync_dist=True, batch_size=count, reduce_fx=reduce_fx)
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
-        texts = self.pair.decode(self.sample(batch["prompt"], self.rollout_cfg.greedy(self.hparams.val_max_new_tokens)))
+        greedy = self.distiller.rollout.greedy(self.distiller.evaluation.max_new_tokens)
+        texts = self.pair.decode(self.distiller.sample(batch["prompt"], greedy))
         return [{"prompt": p, "response": r} for p, r in zip(batch["prompt"], texts, strict=True)]
 
     # ---- plumbing -------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         self.pair.frozen_teacher.rest(self.device)
+        self.distiller.lockstep = functools.partial(synced_generation, _attached_trainer(self))
 
     def configure_model(self) -> None:
         trainer = _attached_trainer(self)  # `load_from_checkpoint` calls this hook too: one process shards nothing

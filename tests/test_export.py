@@ -51,7 +51,7 @@ def test_export_loads_and_generates_what_the_checkpointed_student_generates(chec
     enc = format_prompts(tokenizer, PROMPTS)
     with torch.no_grad():
         tokens = exported.generate(**enc, do_sample=False, max_new_tokens=12)
-    expected = module.sample(PROMPTS, RolloutConfig(max_new_tokens=12, do_sample=False)).input_ids
+    expected = module.distiller.sample(PROMPTS, RolloutConfig(max_new_tokens=12, do_sample=False)).input_ids
     assert torch.equal(tokens, expected)
 
 

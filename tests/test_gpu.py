@@ -29,7 +29,7 @@ def test_bf16_teacher_trains_on_cuda_and_logs_peak_memory(tmp_path):
 @pytest.mark.parametrize("placement", [{"offload_teacher": True}, {"teacher_device": "cpu"}])
 def test_teacher_placement_moves_weights_and_keeps_results(placement):
     plain, placed = make_module().cuda(), make_module(**placement).cuda()
-    roll = plain.sample(PROMPTS, plain.rollout_cfg, seed=0)
+    roll = plain.distiller.sample(PROMPTS, plain.distiller.rollout, seed=0)
     points = plain.objective.points("teacher")
     expected, got = plain.pair.teacher_states(roll, points), placed.pair.teacher_states(roll, points)
     assert next(placed.pair.teacher.parameters()).device.type == "cpu"  # offloaded after the pass, or living there

@@ -36,11 +36,11 @@ def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_
 def test_student_learns_and_projectors_update(tmp_path):
     module = make_module(optim=OptimConfig(lr=3e-3, projector_lr=1e-2, schedule="constant"))
     # A fixed held-out batch: the hidden loss on it must fall, for the student and the projectors together.
-    fixed = module.sample([f"What is {i} plus 3?" for i in range(6)], module.rollout_cfg, seed=123)
+    fixed = module.distiller.sample([f"What is {i} plus 3?" for i in range(6)], module.distiller.rollout, seed=123)
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            return float(module.distill(fixed).hidden / fixed.response_mask.sum())
+            return float(module.distiller.distill(fixed).hidden / fixed.response_mask.sum())
 
     before, proj_before = held_out_loss(), module.objective.projectors.proj["1_3"].weight.clone()
     student_before = module.student.model.layers[0].mlp.up_proj.weight.clone()
@@ -56,6 +56,7 @@ class FixedRollouts(DistillModule):
     def __init__(self, roll, micro: int, **kwargs):
         super().__init__(**kwargs)
         self.fixed, self.micro, self.calls, self.grads = roll, micro, 0, None
+        self.distiller.sample = self.sample
 
     def sample(self, prompts, config, seed=None):
         from dataclasses import replace
@@ -77,7 +78,7 @@ class FixedRollouts(DistillModule):
 def test_gradient_accumulation_normalises_by_the_whole_step(tmp_path):
     base = make_module()
     prompts = [f"What is {i} plus {i + 1}?" for i in range(8)]
-    roll = base.sample(prompts, RolloutConfig(max_new_tokens=10), seed=0)
+    roll = base.distiller.sample(prompts, RolloutConfig(max_new_tokens=10), seed=0)
     # Unequal response lengths (as if EOS came early) are what make per-micro-batch normalisation wrong.
     keep = (
         torch.arange(roll.input_ids.shape[1]) < roll.prompt_length + torch.tensor([1, 9, 2, 10, 3, 4, 10, 5])[:, None]
@@ -102,8 +103,8 @@ def test_a_float64_pair_trains_in_float64_end_to_end(kind):
     rely on. float32 pairs keep float32 projectors and losses, whatever the float64 running moments."""
     for dtype, want in (("float32", torch.float32), (EXACT, torch.float64)):
         module = DistillModule(**_specs(dtype), hidden_loss=HiddenLossConfig(kind=kind))
-        roll = module.sample(["What is 1 plus 2?", "Hi"], RolloutConfig(max_new_tokens=6), seed=0)
-        terms = module.distill(roll)
+        roll = module.distiller.sample(["What is 1 plus 2?", "Hi"], RolloutConfig(max_new_tokens=6), seed=0)
+        terms = module.distiller.distill(roll)
         terms.loss.backward()
         assert terms.loss.dtype == terms.pairs["1_3"].dtype == want
         grads = {p.grad.dtype for p in module.parameters() if p.grad is not None}
@@ -135,7 +136,7 @@ def test_bad_layer_map_fails_before_weights_load(monkeypatch):
 def test_validation_metrics(tmp_path):
     module = make_module()
     prompts = [f"What is {i} plus {i + 2}?" for i in range(8)]
-    whole, rows = score(module, prompts, [None] * 8)
+    whole, rows = score(module.distiller, prompts, [None] * 8)
     # Answers that the student's greedy responses get right for prompts 0, 2, 4 and wrong for the others.
     answers = [extract_answer(row["response"]) if i in (0, 2, 4) else "-12345" for i, row in enumerate(rows)]
     assert None not in answers[:5:2], [row["response"] for row in rows]
@@ -155,7 +156,7 @@ def test_validation_metrics(tmp_path):
 def test_validation_accuracy_is_over_the_answered_prompts_and_counts_them(tmp_path):
     module = make_module()
     prompts = [f"What is {i} plus {i + 2}?" for i in range(16)]
-    _, rows = score(module, prompts, [None] * 16)
+    _, rows = score(module.distiller, prompts, [None] * 16)
     numbers = [i for i, row in enumerate(rows) if extract_answer(row["response"]) is not None]
     others = [i for i in range(16) if i not in numbers[:4]]
     assert len(numbers) >= 4, [row["response"] for row in rows]
@@ -189,7 +190,7 @@ def _first_k_by_hand(response_mask: torch.Tensor, k: int) -> torch.Tensor:
 
 def _hidden_by_hand(module, roll, keep: torch.Tensor) -> torch.Tensor:
     """mean over pairs of sum_t keep_t ||P(h_S) - h_T||^2 / d_T over sum_t keep_t, written out."""
-    student, teacher = module.states(roll)
+    student, teacher = module.distiller.states(roll)
     projected, targets = module.objective.projectors(student), module.objective.projectors.targets(teacher)
     per_pair = [((projected[x] - targets[x].detach()) ** 2).mean(-1)[keep].sum() / keep.sum() for x in projected]
     return torch.stack(per_pair).mean()
@@ -200,7 +201,9 @@ def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
     # step's denominator is the count of those tokens over all micro-batches.
     first_2 = HiddenLossConfig(positions="first_k", k=2)
     base = make_module()
-    roll = base.sample([f"What is {i} plus {i + 1}?" for i in range(8)], RolloutConfig(max_new_tokens=10), seed=0)
+    roll = base.distiller.sample(
+        [f"What is {i} plus {i + 1}?" for i in range(8)], RolloutConfig(max_new_tokens=10), seed=0
+    )
     keep = (
         torch.arange(roll.input_ids.shape[1]) < roll.prompt_length + torch.tensor([1, 9, 2, 10, 3, 4, 10, 5])[:, None]
     )
@@ -225,5 +228,5 @@ def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
     for token_loss in (None, TokenLossConfig()):
         module = DistillModule(**_specs(), hidden_loss=first_2, token_loss=token_loss)
         with torch.no_grad():
-            logged = module.distill(roll).metrics()["hidden"]
+            logged = module.distiller.distill(roll).metrics()["hidden"]
             torch.testing.assert_close(logged, _hidden_by_hand(module, roll, selected), rtol=1e-5, atol=1e-8)

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 
+from oprd.distiller import Distiller
 from oprd.evaluation.scoring import mean_over_batches, score
 from oprd.training.memory import UpdateMemory, memory_kind
 
@@ -31,12 +32,12 @@ METRICS = ("reverse_kl", "accuracy", "repetition", "distinct_4", "cos", "respons
 """Held-out metrics a comparison reports (`cos`: mean over the objective's layer pairs, or of the final states)."""
 
 
-def evaluate(module, items: list[dict], batch_size: int) -> dict[str, float]:
+def evaluate(distiller: Distiller, items: list[dict], batch_size: int) -> dict[str, float]:
     """Greedy answers to `items`, scored as `oprd validate` scores them; means weighted by batch size."""
     batches = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        metrics, _ = score(module, [x["prompt"] for x in chunk], [x["answer"] for x in chunk])
+        metrics, _ = score(distiller, [x["prompt"] for x in chunk], [x["answer"] for x in chunk])
         values = {k: v for k, v in metrics.items() if not k.startswith("cos/")}
         pairs = [float(v) for k, v in metrics.items() if k.startswith("cos/")]
         if pairs or "cos_final" in values:
@@ -192,7 +193,7 @@ class CompareProbe(L.Callback):
         was_training = module.training
         module.eval()
         for split, items in sets.items():
-            scores = evaluate(module, items, self.batch_size)
+            scores = evaluate(module.distiller, items, self.batch_size)
             self.rows.append({"step": step, "split": split, "train_s": self.train_s, **scores})
             if module.logger is not None:  # the held-out curves of every run, side by side in the W&B group
                 module.logger.log_metrics({f"compare/{split}/{k}": v for k, v in scores.items()}, step=step)

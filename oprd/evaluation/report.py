@@ -13,8 +13,9 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
+from oprd.distiller import Distiller
 from oprd.evaluation.scoring import mean_over_batches, score
-from oprd.export import export_student
+from oprd.export import save_folder
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ class DistillReport(L.Callback):
             raise ValueError("DistillReport needs held-out prompts: set `data.val` (or use a built-in task).")
         return items[: self.num_prompts]
 
-    def _score(self, module, items, responder: str, per_row: bool = False):
+    def _score(self, distiller: Distiller, items, responder: str, per_row: bool = False):
         batches: list[tuple[dict[str, Any], int]] = []
         rows: list[dict[str, Any]] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             metrics, chunk_rows = score(
-                module, [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
+                distiller, [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
             )
             batches.append((metrics, len(chunk)))
             rows += chunk_rows
@@ -113,14 +114,14 @@ class DistillReport(L.Callback):
         # uncalibrated one scores cosine 0 and hidden 1 whatever the student, which is not the student that trains.
         module.calibrate()
         if trainer.is_global_zero:
-            self._score_start(trainer, module)
+            self._score_start(trainer, module.distiller)
 
-    def _score_start(self, trainer, module) -> None:
+    def _score_start(self, trainer, distiller: Distiller) -> None:
         items = self._items(trainer)
         console = Console()
         console.print(f"Scoring the teacher and the untrained student on {len(items)} held-out prompts...")
-        self.results["teacher"] = self._score(module, items, "teacher")
-        self.results["before"] = self._score(module, items, "student", per_row=True)
+        self.results["teacher"] = self._score(distiller, items, "teacher")
+        self.results["before"] = self._score(distiller, items, "student", per_row=True)
         before = self.results["before"][0]
         console.print(f"  student before: {_brief(before)}; teacher: {_brief(self.results['teacher'][0])}")
 
@@ -128,30 +129,31 @@ class DistillReport(L.Callback):
         step = trainer.global_step
         if self.samples_every_n_steps and trainer.is_global_zero and step % self.samples_every_n_steps == 0:
             items = self._items(trainer)[: self.batch_size]
-            _, rows = self._score(module, items, "student", per_row=True)
+            _, rows = self._score(module.distiller, items, "student", per_row=True)
             self._log_table(trainer, f"samples/step_{step}", rows)
 
     @staticmethod
-    def _export(module, folder: Path) -> Path:
+    def _export(distiller: Distiller, folder: Path) -> Path:
         """Export into `folder`, replacing an earlier export there. A folder holding other files is left as it is and
         the student goes beside it: a finished run does not fail, and no one's files are lost, over its export."""
         try:
-            return export_student(module, folder, overwrite=True)
+            return save_folder(distiller.student, distiller.pair.tokenizer, folder, overwrite=True)
         except FileExistsError as err:
             beside = folder.with_name(f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             log.warning("%s Exporting to %s instead.", err, beside)
-            return export_student(module, beside)
+            return save_folder(distiller.student, distiller.pair.tokenizer, beside)
 
     def on_fit_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
             return
+        distiller = module.distiller
         if "before" not in self.results:  # no step to take (a finished run resumed): training never started
-            self._score_start(trainer, module)
+            self._score_start(trainer, distiller)
         Console().print("Scoring the distilled student...")
-        self.results["after"] = self._score(module, self._items(trainer), "student", per_row=True)
+        self.results["after"] = self._score(distiller, self._items(trainer), "student", per_row=True)
         exported = None
         if self.export_dir is not None:
-            exported = self._export(module, Path(trainer.log_dir or trainer.default_root_dir) / self.export_dir)
+            exported = self._export(distiller, Path(trainer.log_dir or trainer.default_root_dir) / self.export_dir)
             _log_artifact(trainer.logger, exported)
         for name in ("before", "after", "teacher"):
             metrics = {f"report/{name}/{k}": v for k, v in self.results[name][0].items()}

@@ -12,17 +12,15 @@ degenerate loops that can drive a KL down (on-policy distillation is known to co
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from oprd.distiller import Distiller, Responder
 from oprd.evaluation.metrics import accuracy, distinct_n, is_correct, repetition_rate
 from oprd.losses.hidden import mean_cosine
 from oprd.models.capture import NORM
-
-Responder = Literal["student", "teacher"]
-
 
 ANSWERED = "answered"
 """The metric counting a batch's prompts with a reference answer: accuracy metrics are means over those alone."""
@@ -32,13 +30,13 @@ EVAL_SEED = 20_240_601
 
 
 @torch.no_grad()
-def sampled_accuracy(module, prompts: list[str], answers: list[str], k: int) -> dict[str, Tensor]:
+def sampled_accuracy(distiller: Distiller, prompts: list[str], answers: list[str], k: int) -> dict[str, Tensor]:
     """Avg@k and Best@k as papers report them (the OPRD paper: Avg@16 at T=0.7, top-p 0.95): k sampled answers per
     prompt; Avg@k is the mean accuracy over all samples, Best@k the fraction of prompts with a correct one."""
-    hp = module.hparams
-    greedy = module.rollout_cfg.greedy(hp.val_max_new_tokens)
-    config = replace(greedy, do_sample=True, temperature=hp.eval_temperature, top_p=hp.eval_top_p, num_generations=k)
-    texts = module.pair.decode(module.sample(prompts, config, seed=EVAL_SEED + hp.seed))
+    settings = distiller.evaluation
+    greedy = distiller.rollout.greedy(settings.max_new_tokens)
+    config = replace(greedy, do_sample=True, temperature=settings.temperature, top_p=settings.top_p, num_generations=k)
+    texts = distiller.pair.decode(distiller.sample(prompts, config, seed=EVAL_SEED + distiller.seed))
     correct = torch.tensor([is_correct(text, answers[i // k]) for i, text in enumerate(texts)], dtype=torch.float32)
     per_prompt = correct.view(len(prompts), k)
     return {f"accuracy_avg@{k}": per_prompt.mean(), f"accuracy_best@{k}": per_prompt.amax(dim=1).mean()}
@@ -71,12 +69,15 @@ def mean_over_batches(batches: list[tuple[dict[str, Tensor | float], int]]) -> d
 
 @torch.no_grad()
 def score(
-    module, prompts: list[str], answers: list[str | None], responder: Responder = "student", per_row: bool = False
+    distiller: Distiller,
+    prompts: list[str],
+    answers: list[str | None],
+    responder: Responder = "student",
+    per_row: bool = False,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     """Greedy responses to held-out prompts, scored by the teacher (exact reverse KL, hidden states) and answers.
 
     Args:
-        module: a `DistillModule`.
         responder: `student` or `teacher`: who answers (the teacher scores either way).
         per_row: also compute each response's own reverse KL (for sample tables).
 
@@ -85,16 +86,17 @@ def score(
         response. `accuracy` (and `accuracy_avg@k`, `accuracy_best@k`) are over the `answered` prompts only (absent
         when there are none); `prompts_covered` says how many prompts each metric averages.
     """
-    model = module.pair.teacher if responder == "teacher" else None
-    roll = module.sample(prompts, module.rollout_cfg.greedy(module.hparams.val_max_new_tokens), model=model)
-    texts = module.pair.decode(roll)
+    pair, objective = distiller.pair, distiller.objective
+    model = pair.teacher if responder == "teacher" else None
+    roll = distiller.sample(prompts, distiller.rollout.greedy(distiller.evaluation.max_new_tokens), model=model)
+    texts = pair.decode(roll)
     metrics = {"reverse_kl": torch.zeros(())}  # the teacher's answers, scored against itself: 0 by definition
     if responder != "teacher":
-        student, teacher = module.states(roll, head=True)
-        terms = module.objective(student, teacher, roll, module.pair.heads(), module.objective.eval_kl)
+        student, teacher = distiller.states(roll, head=True)
+        terms = objective(student, teacher, roll, pair.heads(), objective.eval_kl)
         values = terms.metrics()
         metrics["reverse_kl"] = values["token_kl"]
-        if module.objective.pairs:
+        if objective.pairs:
             metrics["hidden"] = values["hidden"]
             metrics.update({k: v for k, v in values.items() if k.startswith("cos/")})
         if student[NORM].shape[-1] == teacher[NORM].shape[-1]:  # comparable without a projection: equal widths
@@ -107,9 +109,10 @@ def score(
     metrics[ANSWERED] = torch.tensor(float(len(answered)))
     if answered:
         metrics["accuracy"] = torch.tensor(accuracy([texts[i] for i in answered], [answers[i] for i in answered]))
-        if module.hparams.eval_samples and responder != "teacher":
-            k = module.hparams.eval_samples
-            metrics.update(sampled_accuracy(module, [prompts[i] for i in answered], [answers[i] for i in answered], k))
+        k = distiller.evaluation.samples
+        if k and responder != "teacher":
+            asked = [prompts[i] for i in answered]
+            metrics.update(sampled_accuracy(distiller, asked, [answers[i] for i in answered], k))
     rows = [
         {"prompt": p, "response": t, "answer": a, "correct": is_correct(t, a)}
         for p, t, a in zip(prompts, texts, answers, strict=True)
@@ -122,8 +125,8 @@ def score(
                 attention_mask=roll.attention_mask[i : i + 1],
                 response_mask=roll.response_mask[i : i + 1],
             )
-            kl = module.objective.token_sum(
-                student[NORM][i : i + 1], teacher[NORM][i : i + 1], one, module.pair.heads(), module.objective.eval_kl
+            kl = objective.token_sum(
+                student[NORM][i : i + 1], teacher[NORM][i : i + 1], one, pair.heads(), objective.eval_kl
             )
             row["reverse_kl"] = float(kl / one.response_mask.sum().clamp_min(1))
     return metrics, rows

@@ -18,6 +18,8 @@ until backward, i.e. the full `[n, v]` teacher logits that the OPRD paper's impl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -26,15 +28,29 @@ from torch.utils.checkpoint import checkpoint
 
 from oprd.losses.token import TokenLossConfig, apply_logit_transforms, slice_vocab, token_loss_per_token, token_loss_sum
 
-Head = nn.Module | Tensor
-"""An output head: a module with `.weight` `[v, d]` and optional `.bias` `[v]` (`nn.Linear`), or a bare weight."""
 
+@dataclass(frozen=True)
+class Head:
+    """An output head's parameters, the one head type oprd passes around: `weight [v, d]` and an optional `bias [v]`
+    (the tensors themselves, so gradients reach a trained head)."""
 
-def head_params(head: Head) -> tuple[Tensor, Tensor | None]:
-    """`(weight [v, d], bias [v] or None)` of an output head."""
-    if isinstance(head, Tensor):
-        return head, None
-    return head.weight, getattr(head, "bias", None)
+    weight: Tensor
+    bias: Tensor | None = None
+
+    @classmethod
+    def of(cls, head: Head | nn.Module | Tensor) -> Head:
+        """A `Head` from a module with `.weight` (and optional `.bias`, e.g. `nn.Linear`), a bare weight, or a Head."""
+        if isinstance(head, Head):
+            return head
+        if isinstance(head, Tensor):
+            return cls(head)
+        return cls(head.weight, getattr(head, "bias", None))
+
+    def to(self, device: torch.device) -> Head:
+        """This head on `device` (itself when it is there already)."""
+        if self.weight.device == device:
+            return self
+        return Head(self.weight.to(device), None if self.bias is None else self.bias.to(device))
 
 
 def head_logits(
@@ -58,9 +74,9 @@ def dense_token_loss_sum(
 
     Args:
         student_hidden: `[b, t, d_s]` final (normed) student hidden states, with gradient.
-        student_head: student output head (`nn.Linear` or weight `[v, d_s]`).
+        student_head: student output head (a `Head`, an `nn.Linear` or a weight `[v, d_s]`).
         teacher_hidden: `[b, t, d_t]` final teacher hidden states (no gradient).
-        teacher_head: teacher output head (`nn.Linear` or weight `[v, d_t]`).
+        teacher_head: teacher output head (a `Head`, an `nn.Linear` or a weight `[v, d_t]`).
         targets: `[b, t]` sampled next-token ids (`sampled` estimator only).
         mask: `[b, t]` response mask.
         config: token-loss configuration.
@@ -69,9 +85,10 @@ def dense_token_loss_sum(
     Returns:
         Scalar sum over kept tokens.
     """
-    student_logits = head_logits(student_hidden, *head_params(student_head), config, vocab_size)
+    student, teacher = Head.of(student_head), Head.of(teacher_head)
+    student_logits = head_logits(student_hidden, student.weight, student.bias, config, vocab_size)
     with torch.no_grad():
-        teacher_logits = head_logits(teacher_hidden, *head_params(teacher_head), config, vocab_size)
+        teacher_logits = head_logits(teacher_hidden, teacher.weight, teacher.bias, config, vocab_size)
     return token_loss_sum(student_logits, teacher_logits, targets, mask, config)
 
 
@@ -114,8 +131,9 @@ def chunked_token_loss_sum(
     student = rearrange(student_hidden, "b t d -> (b t) d")[keep]  # [n, d_s]
     teacher = rearrange(teacher_hidden.detach(), "b t d -> (b t) d")[keep]  # [n, d_t]
     kept_targets = None if targets is None else rearrange(targets, "b t -> (b t)")[keep]  # [n]
-    student_weight, student_bias = head_params(student_head)
-    teacher_weight, teacher_bias = head_params(teacher_head)
+    student_head, teacher_head = Head.of(student_head), Head.of(teacher_head)
+    student_weight, student_bias = student_head.weight, student_head.bias
+    teacher_weight, teacher_bias = teacher_head.weight, teacher_head.bias
     sums = []
     # max(n, 1): an all-masked batch still runs one empty chunk, which yields 0 and zero (not missing) gradients.
     for start in range(0, max(student.shape[0], 1), config.chunk_size):
@@ -168,7 +186,7 @@ def sampled_logprobs(
     keep = rearrange(mask.bool(), "b t -> (b t)")
     states = rearrange(hidden, "b t d -> (b t) d")[keep]
     wanted = rearrange(targets, "b t -> (b t)")[keep]
-    weight, bias = head_params(head)
+    weight, bias = Head.of(head).weight, Head.of(head).bias
     step = config.chunk_size or max(states.shape[0], 1)
     out = []
     for start in range(0, states.shape[0], step):

@@ -1,7 +1,7 @@
 """What each model family's causal-LM forward does to its LM head's output, and which families oprd refuses.
 
 A token-space term rebuilds the logits from a captured final normed state and the bare LM head, chunk by chunk; these
-rules say which scale or soft cap the family's own forward applies on top (`tests/test_families.py` proves every
+rules say which scale or soft cap the family's own forward applies on top (`tests/models/test_families.py` proves every
 family against `model(...).logits`), and `check_head_reproducible` refuses, before weights load, a family whose head
 is not a linear map of the final normed state.
 """
@@ -67,7 +67,8 @@ HEAD_RULES: dict[str, HeadRule] = {
     "inkling_text": HeadRule(divide="logits_mup_width_multiplier"),
 }
 """Logit post-processing of every transformers causal-LM family whose forward has any, read from its modeling code
-(`tests/test_families.py` proves each family against `model(...).logits`). A family absent here uses the bare head."""
+(`tests/models/test_families.py` proves each family against `model(...).logits`). A family absent here uses the bare
+head."""
 
 _POST_LN = (
     "its blocks normalise after the residual add (post-LN) and no final norm follows them, so there is no final "

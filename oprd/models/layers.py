@@ -113,7 +113,8 @@ def set_layers(model: nn.Module, layers: nn.ModuleList, path: str | None = None)
 
 def find_final_norm(model: nn.Module) -> nn.Module:
     """The final norm applied after the last decoder layer (`model.norm`, `transformer.ln_f`): the module whose
-    output the LM head reads. `tests/test_families.py` proves the pick for every transformers causal-LM family."""
+    output the LM head reads. `tests/models/test_families.py` proves the pick for every transformers causal-LM
+    family."""
     base = decoder(model)
     family = getattr(getattr(model, "config", None), "model_type", None)
     names = (FINAL_NORM_BY_FAMILY[family],) if family in FINAL_NORM_BY_FAMILY else NORM_NAMES

@@ -1,26 +1,34 @@
-"""The calibration of the Bridge or of `select` inside `fit`: on-policy rollouts of the student, both models' hidden
-states at the mapped layers, then the projectors' own `calibrate`. It runs once, before the first training step; the
-result is part of the checkpoint, so a resumed run skips it.
+"""The calibration of the Bridge or of `select` inside `fit`: both models' hidden states at the mapped layers on
+batches of prompts (the student's own rollouts, which the caller produces), then the projectors' own `calibrate`.
+It runs once, before the first training step; the result is part of the checkpoint, so a resumed run skips it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from rich.progress import track
+from torch import Tensor
+
+from oprd.models.capture import Point
 
 log = logging.getLogger(__name__)
 
 
+Rows = Callable[[list[str], int], tuple[dict[Point, Tensor], dict[Point, Tensor], Tensor]]
+"""Given a batch of calibration prompts and its number: student states, teacher states (capture point -> `[b, t, d]`)
+and the `[b, t]` boolean mask of the tokens to keep (the responses)."""
+
+
 @torch.no_grad()
-def collect_rows(module, prompts: list[str], batch_size: int) -> tuple[dict, dict]:
-    """Student and teacher states at every mapped pair, on the response tokens of seeded student rollouts.
+def collect_rows(projectors, states: Rows, prompts: list[str], batch_size: int) -> tuple[dict, dict]:
+    """Student and teacher states at every mapped pair, on the masked tokens of `states`' batches.
 
     Returns:
         (student rows, teacher rows): pair label -> `[n, d]`, at most `bridge.rows` rows each.
     """
-    projectors = module.objective.projectors
     config, labels, pairs = projectors.config, projectors.labels, projectors.pairs
     student_rows = {label: [] for label in labels}
     teacher_rows = {label: [] for label in labels}
@@ -29,10 +37,7 @@ def collect_rows(module, prompts: list[str], batch_size: int) -> tuple[dict, dic
     for number, batch in enumerate(track(batches, description="Calibration: collecting hidden states", transient=True)):
         if not batch or collected >= config.rows:
             break
-        # Seeded apart from the training rollouts (which derive theirs from the step), never from the global RNG.
-        roll = module.sample(batch, module.rollout_cfg, seed=module.hparams.seed * 7919 + number)
-        student, teacher = module.states(roll, head=False)
-        mask = roll.response_mask.bool()
+        student, teacher, mask = states(batch, number)
         for label, (s, t) in zip(labels, pairs, strict=True):
             student_rows[label].append(student[s][mask].float().cpu())
             teacher_rows[label].append(teacher[t][mask].float().cpu())
@@ -41,13 +46,18 @@ def collect_rows(module, prompts: list[str], batch_size: int) -> tuple[dict, dic
     return merge, {label: torch.cat(rows)[: config.rows] for label, rows in teacher_rows.items()}
 
 
-def calibrate_projectors(module, prompts: list[str], batch_size: int) -> dict[str, float]:
+def calibrate_projectors(projectors, states: Rows, prompts: list[str], batch_size: int, seed: int) -> dict[str, float]:
     """Collect rows, fit the projectors, and return their metrics: `<kind>/explained/<pair>` and
-    `<kind>/cosine/<pair>`, with the projectors' `kind` (`bridge` or `select`)."""
-    student, teacher = collect_rows(module, prompts, batch_size)
+    `<kind>/cosine/<pair>`, with the projectors' `kind` (`bridge` or `select`).
+
+    Args:
+        projectors: `BridgeProjectors` or `SelectProjectors`.
+        states: the states of a batch of prompts (`Rows`): the student's own seeded rollouts in `fit`.
+        seed: seeds the split of the rows into fit and held-out parts.
+    """
+    student, teacher = collect_rows(projectors, states, prompts, batch_size)
     rows = min(len(v) for v in student.values())
-    projectors = module.objective.projectors
-    report = projectors.calibrate(student, teacher, seed=module.hparams.seed)
+    report = projectors.calibrate(student, teacher, seed=seed)
     metrics = {}
     for label, values in report.items():
         metrics[f"{projectors.kind}/explained/{label}"] = values["explained"]

@@ -28,6 +28,7 @@ from oprd.losses.weighting import LayerWeighting
 from oprd.models.capture import NORM, Point
 from oprd.models.heads import check_head_reproducible, check_same_logit_transforms, model_logit_transforms
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, check_rank
+from oprd.objective.layer_map import LayerMapSpec, resolve_layer_map
 from oprd.objective.projectors import Projectors
 from oprd.objective.select import SelectProjectors
 from oprd.objective.statistics import RunningMoments
@@ -51,6 +52,20 @@ def with_model_logit_transforms(config: TokenLossConfig | None, model_config) ->
     if config.logit_scale is None and scale:
         updates["logit_scale"] = scale
     return dataclasses.replace(config, **updates) if updates else config
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the student is trained against (see `Objective`): the `DistillModule` settings of the same names."""
+
+    layer_map: LayerMapSpec = "uniform"
+    projector: Projector = "linear"
+    bridge: BridgeConfig = BridgeConfig()
+    hidden_loss: HiddenLossConfig = HiddenLossConfig()
+    hidden_weight: float = 1.0
+    token_loss: TokenLossConfig | None = None
+    token_weight: float = 1.0
+    balance: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,18 @@ class Objective(nn.Module):
         if hidden_loss.kind == "standardized_mse":
             width = {"bridge": bridge.rank, "select": widths[0]}.get(projector, widths[1])
             self.moments = nn.ModuleDict({label: RunningMoments(width) for label in self.projectors.labels})
+
+    @classmethod
+    def from_config(
+        cls, config: ObjectiveConfig, student_config, teacher_config, vocab_size: int, kept: list[int] | None, seed: int
+    ) -> Objective:
+        """The objective `config` describes, its layer map resolved on the two models' depths (`kept`: the teacher
+        layers a depth-pruned student kept, for `layer_map: pruned`)."""
+        depths = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+        pairs = resolve_layer_map(config.layer_map, *depths, kept)
+        settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+        del settings["layer_map"]
+        return cls(pairs, student_config, teacher_config, vocab_size, seed=seed, **settings)
 
     @property
     def needs_calibration(self) -> bool:

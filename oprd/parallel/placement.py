@@ -26,12 +26,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from oprd.losses.lm_head import head_params
+from oprd.losses.lm_head import Head
 from oprd.models.capture import Point, hidden_states, is_sharded
 from oprd.parallel.remote import RemoteTeacherConfig
 from oprd.parallel.sharding import gathered_head
@@ -94,16 +93,12 @@ class TeacherPlacement:
             if self.offload:
                 _move(teacher, torch.device("cpu"))
 
-    def head(self, teacher: nn.Module, student_device: torch.device):
-        """The teacher's output head as a module with `.weight` (and `.bias`) on the student's device.
+    def head(self, teacher: nn.Module, student_device: torch.device) -> Head:
+        """The teacher's output head on the student's device.
 
         A head elsewhere (another device, CPU offload) is copied for this step; an FSDP-sharded head is gathered.
         """
-        head = gathered_head(teacher.get_output_embeddings())
-        weight, bias = head_params(head)
-        if weight.device == student_device:
-            return head
-        return SimpleNamespace(weight=weight.to(student_device), bias=None if bias is None else bias.to(student_device))
+        return gathered_head(teacher.get_output_embeddings()).to(student_device)
 
 
 def _move(module: nn.Module, device: torch.device) -> None:

@@ -35,11 +35,11 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
+from oprd.losses.lm_head import Head
 from oprd.models.capture import Point
 from oprd.models.spec import ModelSpec, load_model
 from oprd.rollout.engine import HFGenerateEngine
@@ -137,10 +137,8 @@ class TeacherReplica:
 
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The LM head's `(weight [v, d], bias [v] or None)`."""
-        from oprd.losses.lm_head import head_params
-
-        weight, bias = head_params(self.model.get_output_embeddings())
-        return weight.detach().clone(), None if bias is None else bias.detach().clone()
+        head = Head.of(self.model.get_output_embeddings())
+        return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, config: RolloutConfig, seed: int | None) -> Rollout:
@@ -307,15 +305,11 @@ class RemoteTeacher:
         """The teacher's responses to the formatted prompts, on `device` (the replica holds its own tokenizer)."""
         return self._call("generate", input_ids.cpu(), attention_mask.cpu(), config, seed).to(device)
 
-    def head(self, student_device: torch.device):
+    def head(self, student_device: torch.device) -> Head:
         """The teacher's LM head on the student's device, fetched from a replica once."""
         if self._head is None:
-            weight, bias = self._call("head")
-            self._head = SimpleNamespace(weight=weight, bias=bias)
-        weight, bias = self._head.weight, self._head.bias
-        if weight.device != student_device:
-            weight, bias = weight.to(student_device), None if bias is None else bias.to(student_device)
-            self._head = SimpleNamespace(weight=weight, bias=bias)
+            self._head = Head(*self._call("head"))
+        self._head = self._head.to(student_device)
         return self._head
 
     # ---- replicas -------------------------------------------------------------------------------------------

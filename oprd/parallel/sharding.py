@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from types import SimpleNamespace
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
@@ -30,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
 
-from oprd.losses.lm_head import head_params
+from oprd.losses.lm_head import Head
 from oprd.models.capture import NORM, Point, is_sharded
 from oprd.models.layers import find_final_norm, find_layers
 
@@ -148,13 +147,13 @@ def synced_generation(trainer, model: nn.Module) -> bool:
     return is_sharded(model) or not isinstance(trainer.strategy, (DDPStrategy, ModelParallelStrategy))
 
 
-def gathered_head(head):
-    """An output head whose FSDP2-sharded weight (a DTensor outside the forward) is gathered whole, for the token
-    loss, which multiplies by the head's weight directly. Other heads are returned as they are."""
-    weight, bias = head_params(head)
-    if not hasattr(weight, "full_tensor"):
+def gathered_head(module: nn.Module) -> Head:
+    """An output head module's `Head`, its FSDP2-sharded weight (a DTensor outside the forward) gathered whole for
+    the token loss, which multiplies by the head's weight directly."""
+    head = Head.of(module)
+    if not hasattr(head.weight, "full_tensor"):
         return head
-    return SimpleNamespace(weight=weight.full_tensor(), bias=None if bias is None else bias.full_tensor())
+    return Head(head.weight.full_tensor(), None if head.bias is None else head.bias.full_tensor())
 
 
 def freeze_unreached(

@@ -15,6 +15,8 @@ import torch
 from oprd.data import arithmetic_examples
 from oprd.demo import arith, builtin
 
+pytestmark = pytest.mark.xdist_group("smollm2")  # under xdist: one worker builds the real model once
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:

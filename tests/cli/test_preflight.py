@@ -18,7 +18,7 @@ from oprd.data import read_jsonl
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from tests.conftest import ROOT, make_module
-from tests.test_faults import save_model_folder
+from tests.training.test_faults import save_model_folder
 
 TINY = str(ROOT / "configs/tiny.yaml")
 OPRD = Path(sys.executable).parent / "oprd"

@@ -143,7 +143,7 @@ def test_a_run_whose_process_dies_fails_the_comparison_with_its_name(tmp_path, c
         main([
             "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives", "oprd", "--lr", "1e-2",
             "--steps", "2", "--eval_prompts", "4", "--out", str(tmp_path),
-            "--", "--trainer.callbacks+=tests.test_compare.DieAtTrainStart", "--trainer.logger", "false",
+            "--", "--trainer.callbacks+=tests.compare.test_compare.DieAtTrainStart", "--trainer.logger", "false",
         ])  # fmt: skip
     assert "run oprd-lr0.01 died without a result" in capsys.readouterr().err
 

@@ -48,7 +48,8 @@ def pair():
 
 
 def greedy(m, prompts=PROMPTS):
-    return m.sample(prompts, m.rollout_cfg.greedy(12))  # held-out scoring's settings: the module's, made greedy
+    # Held-out scoring's settings: the module's, made greedy.
+    return m.distiller.sample(prompts, m.distiller.rollout.greedy(12))
 
 
 def greedy_in_step(m, prompts=PROMPTS):
@@ -78,8 +79,8 @@ def test_greedy_vllm_rollouts_equal_greedy_hf_rollouts(pair):
 def test_seeded_sampling_repeats_and_differs_between_seeds(pair):
     with_vllm, _ = pair
     config = RolloutConfig(max_new_tokens=12, temperature=1.0, engine="vllm")
-    first, again = (with_vllm.sample(PROMPTS, config, seed=11) for _ in range(2))
-    other = with_vllm.sample(PROMPTS, config, seed=12)
+    first, again = (with_vllm.distiller.sample(PROMPTS, config, seed=11) for _ in range(2))
+    other = with_vllm.distiller.sample(PROMPTS, config, seed=12)
     assert responses(first) == responses(again) and responses(first) != responses(other)
 
 
@@ -207,7 +208,7 @@ def test_a_weight_sync_prints_nothing_at_info(capfd):
 
 
 def test_vllm_under_a_sharded_strategy_is_refused_before_any_model_loads(capsys, no_weight_loading):
-    from tests.test_preflight import fit_fails
+    from tests.cli.test_preflight import fit_fails
 
     line = fit_fails(capsys, "--model.rollout.engine", "vllm", "--trainer.strategy", "fsdp2")
     assert "--trainer.strategy ddp" in line and "--model.rollout.engine hf" in line
@@ -215,7 +216,9 @@ def test_vllm_under_a_sharded_strategy_is_refused_before_any_model_loads(capsys,
 
 def test_the_teacher_is_sampled_with_its_own_generate(pair):
     with_vllm, _ = pair
-    roll = with_vllm.sample(PROMPTS[:2], RolloutConfig(max_new_tokens=4, do_sample=False), model=with_vllm.pair.teacher)
+    roll = with_vllm.distiller.sample(
+        PROMPTS[:2], RolloutConfig(max_new_tokens=4, do_sample=False), model=with_vllm.pair.teacher
+    )
     assert roll.logprobs is None  # not the engine's: it holds the student only
     assert TEACHER["hidden_size"] == with_vllm.pair.teacher.config.hidden_size
 

@@ -15,7 +15,6 @@ from oprd.models import ModelSpec
 from oprd.models.capture import HiddenCapture
 from oprd.models.width import WidthPrune, importance, kept, prune_width, width_pruned_config
 from oprd.objective.bridge import BridgeConfig
-from oprd.objective.calibration import calibrate_projectors
 from oprd.objective.select import SelectProjectors, match_channels
 from tests.conftest import ROOT, TEACHER, make_module, tiny_llama
 
@@ -50,8 +49,8 @@ def test_the_matching_recovers_the_channels_a_width_pruned_student_kept():
 
 
 def _terms(module):
-    roll = module.sample(PROMPTS, module.rollout_cfg, seed=0)
-    student, teacher = module.states(roll, head=False)
+    roll = module.distiller.sample(PROMPTS, module.distiller.rollout, seed=0)
+    student, teacher = module.distiller.states(roll, head=False)
     return module.objective(student, teacher, roll)
 
 
@@ -61,7 +60,7 @@ def test_a_student_that_is_its_teacher_selects_every_channel_in_place_and_loses_
     loss = HiddenLossConfig(kind=kind)
     select = make_module(student=same, projector="select", bridge=BridgeConfig(batches=1), hidden_loss=loss)
     linear = make_module(student=same, hidden_loss=loss)  # identity-initialised Linear at equal widths
-    calibrate_projectors(select, PROMPTS, batch_size=2)
+    select.distiller.calibrate(PROMPTS, batch_size=2)
     for label in select.objective.projectors.labels:
         assert select.objective.projectors.channels(label).tolist() == list(range(TEACHER["hidden_size"]))
     got, expected = _terms(select), _terms(linear)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
 import torch
 import yaml
 from safetensors import safe_open
 
 from oprd.cli import main
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.xdist_group("smollm2")  # under xdist: one worker builds the real model once
 
 COMPRESS = ROOT / "configs/compress.yaml"
 

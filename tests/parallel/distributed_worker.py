@@ -1,6 +1,6 @@
-"""A training run on fixed rollouts, for the multi-process tests in tests/test_distributed.py.
+"""A training run on fixed rollouts, for the multi-process tests in tests/parallel/test_distributed.py.
 
-    python -m tests.distributed_worker --out DIR --rollout FILE [--strategy ddp|fsdp2] [--devices 2] ...
+    python -m tests.parallel.distributed_worker --out DIR --rollout FILE [--strategy ddp|fsdp2] [--devices 2] ...
 
 Lightning's `ddp` / `fsdp2` strategies start the other ranks by re-running this command. Every rank replays its
 slice of the rollouts in FILE (`{"steps": [Rollout, ...]}`, one rollout per optimizer step): micro-batch `m` of rank
@@ -56,10 +56,11 @@ class ReplayRollouts(DistillModule):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.calls, self.grads = 0, []
+        self.sampled, self.distiller.sample = self.distiller.sample, self.sample
 
     def sample(self, prompts, config, seed=None, model=None):
         if model is not None or not self.training:
-            return super().sample(prompts, config, seed, model)
+            return self.sampled(prompts, config, seed, model)
         world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         step, micro = divmod(self.calls, accumulate)
         self.calls += 1

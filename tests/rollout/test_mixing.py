@@ -10,7 +10,6 @@ import torch
 from oprd.data import PromptDataModule
 from oprd.evaluation.scoring import sampled_accuracy
 from oprd.rollout import RolloutConfig
-from oprd.rollout.mixing import step_responses
 from oprd.rollout.sampling import Rollout, rollout_seed
 from tests.conftest import make_module, trainer
 
@@ -18,13 +17,13 @@ from tests.conftest import make_module, trainer
 def _fit_kinds(tmp_path, steps: int, **rollout) -> tuple[list[float], object]:
     module = make_module(rollout=RolloutConfig(max_new_tokens=8, **rollout))
     calls = {"student": 0, "teacher": 0}
-    original = module.sample
+    original = module.distiller.sample
 
     def sample(prompts, config, seed=None, model=None):
         calls["teacher" if model is module.pair.teacher else "student"] += 1
         return original(prompts, config, seed=seed, model=model)
 
-    module.sample = sample
+    module.distiller.sample = sample
     from lightning.pytorch.loggers import CSVLogger
 
     fit = trainer(tmp_path, max_steps=steps, logger=CSVLogger(tmp_path), log_every_n_steps=1)
@@ -52,23 +51,23 @@ def test_off_policy_responses_come_from_the_data(tmp_path):
     module = make_module(rollout=RolloutConfig(max_new_tokens=8, lmbda=0.0))
     batch = {"prompt": ["What is 1 plus 2?", "What is 3 plus 4?"], "answer": ["3", "7"]}
     batch["response"] = ["1 + 2 = 3.", "3 + 4 = 7."]
-    roll, on_policy = step_responses(module, batch, seed=0)
+    roll, on_policy = module.distiller.responses(batch, seed=0)
     assert not on_policy
     texts = module.pair.tokenizer.batch_decode(roll.responses(), skip_special_tokens=True)
     assert texts == batch["response"]
     assert int(roll.response_mask[0].sum()) == len(module.pair.tokenizer("1 + 2 = 3.")["input_ids"]) + 1  # and EOS
     with pytest.raises(ValueError, match='a prompt has no "response"'):
-        step_responses(module, {**batch, "response": [None, None]}, seed=0)
+        module.distiller.responses({**batch, "response": [None, None]}, seed=0)
 
 
 def test_avg_at_k_and_best_at_k_on_a_fixed_sampler(monkeypatch):
     module = make_module(eval_samples=3)
     # Two prompts, three samples each: prompt 1 gets 1 of 3 right, prompt 2 none.
     texts = ["3", "5", "x", "7 is not it", "no", "8"]
-    monkeypatch.setattr(module, "sample", lambda prompts, config, seed=None: Rollout(
+    monkeypatch.setattr(module.distiller, "sample", lambda prompts, config, seed=None: Rollout(
         torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), torch.ones(6, 1), 0))  # fmt: skip
     monkeypatch.setattr(module.pair, "decode", lambda roll: texts)
-    metrics = sampled_accuracy(module, ["What is 1 plus 2?", "What is 3 plus 4?"], ["3", "9"], 3)
+    metrics = sampled_accuracy(module.distiller, ["What is 1 plus 2?", "What is 3 plus 4?"], ["3", "9"], 3)
     assert metrics["accuracy_avg@3"] == pytest.approx(1 / 6) and metrics["accuracy_best@3"] == pytest.approx(0.5)
 
 
@@ -78,24 +77,25 @@ def test_every_rank_takes_the_same_branch_whatever_its_sampling_seed():
     batch = {"prompt": ["What is 1 plus 2?"], "answer": ["3"], "response": ["1 + 2 = 3."]}
     for batch_idx in range(12):
         coin = rollout_seed(0, 0, batch_idx, rank=0)
-        branches = {step_responses(module, batch, rollout_seed(0, 0, batch_idx, rank), coin)[1] for rank in range(4)}
+        branches = {
+            module.distiller.responses(batch, rollout_seed(0, 0, batch_idx, rank), coin)[1] for rank in range(4)
+        }
         assert len(branches) == 1
-    assert {step_responses(module, batch, seed, None)[1] for seed in range(12)} == {True, False}  # the coin is real
+    assert {module.distiller.responses(batch, seed, None)[1] for seed in range(12)} == {True, False}  # the coin is real
 
 
 def test_one_coin_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch):
     # GKD picks on- or off-policy per update: both micro-batches of an accumulated step must take the same kind.
-    import oprd.module
-
     module = make_module(rollout=RolloutConfig(max_new_tokens=4, lmbda=0.5))
     kinds: dict[int, list[bool]] = {}
+    original = module.distiller.responses
 
-    def recording(module, batch, seed, coin, lmbda=None):
-        roll, on_policy = step_responses(module, batch, seed, coin, lmbda)
+    def recording(batch, seed, coin, lmbda=None):
+        roll, on_policy = original(batch, seed, coin, lmbda)
         kinds.setdefault(module.trainer.global_step, []).append(on_policy)
         return roll, on_policy
 
-    monkeypatch.setattr(oprd.module, "step_responses", recording)
+    monkeypatch.setattr(module.distiller, "responses", recording)
     trainer(tmp_path, max_steps=8, accumulate_grad_batches=2).fit(module, PromptDataModule(batch_size=2))
     assert sorted(kinds) == list(range(8)) and all(len(step) == 2 for step in kinds.values())
     assert all(step[0] == step[1] for step in kinds.values()), kinds

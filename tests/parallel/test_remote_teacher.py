@@ -21,6 +21,7 @@ from oprd.rollout import RolloutConfig
 from tests.conftest import ROOT, make_module, trainer
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # under xdist: one worker holds the local cluster
 
 PROMPTS = ["What is 2 plus 3?", "Name a colour.", "Count to four."]
 NAMES = (f"test-teacher-{os.getpid()}-{i}" for i in itertools.count())

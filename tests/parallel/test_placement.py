@@ -54,11 +54,11 @@ def test_offload_moves_the_teacher_in_for_its_pass_and_back_after(monkeypatch):
 def test_placement_leaves_states_losses_and_gradients_unchanged(placement):
     token = TokenLossConfig(objective="reverse_kl", estimator="exact")
     plain, placed = make_module(token_loss=token), make_module(token_loss=token, **placement)
-    roll = plain.sample(["What is 1 plus 2?", "Hi"], plain.rollout_cfg, seed=0)
+    roll = plain.distiller.sample(["What is 1 plus 2?", "Hi"], plain.distiller.rollout, seed=0)
     results = []
     for module in (plain, placed):
         teacher = module.pair.teacher_states(roll, module.objective.points("teacher"))
-        terms = module.distill(roll, teacher=teacher)
+        terms = module.distiller.distill(roll, teacher=teacher)
         terms.loss.backward()
         grads = [p.grad for p in module.student.parameters() if p.grad is not None]
         results.append((teacher, terms, grads))
@@ -72,6 +72,6 @@ def test_placement_leaves_states_losses_and_gradients_unchanged(placement):
 def test_teacher_head_is_copied_to_the_student_device_only_when_elsewhere():
     module = make_module()
     head = module.pair.teacher.get_output_embeddings()
-    assert TeacherPlacement().head(module.pair.teacher, torch.device("cpu")) is head
+    assert TeacherPlacement().head(module.pair.teacher, torch.device("cpu")).weight is head.weight  # not copied
     moved = TeacherPlacement(offload=True).head(module.pair.teacher, torch.device("meta"))
     assert moved.weight.device.type == "meta" and moved.weight.shape == head.weight.shape

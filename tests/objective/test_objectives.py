@@ -53,11 +53,11 @@ def test_unknown_layer_weights_are_refused_with_the_valid_names():
 
 def test_statistics_come_from_teacher_states_in_training_only():
     module = make_module(hidden_loss=HiddenLossConfig(kind="standardized_mse"))
-    roll = module.sample(["What is 1 plus 2?", "What is 3 plus 4?"], module.rollout_cfg, seed=0)
+    roll = module.distiller.sample(["What is 1 plus 2?", "What is 3 plus 4?"], module.distiller.rollout, seed=0)
     with torch.no_grad():
-        module.distill(roll)  # held-out scoring: no update
+        module.distiller.distill(roll)  # held-out scoring: no update
     assert all(m.count == 0 for m in module.objective.moments.values())
-    terms = module.distill(roll)
+    terms = module.distiller.distill(roll)
     terms.loss.backward()
     teacher = module.pair.teacher_states(roll, module.objective.points("teacher"))
     for label, (_, t) in zip(module.objective.projectors.labels, module.objective.pairs, strict=True):

@@ -41,11 +41,11 @@ def test_every_trainable_parameter_gets_a_gradient():
     cases = [{}, {"layer_map": [[0, 1]]}, {"token_loss": TokenLossConfig(objective="reverse_kl", estimator="exact")}]
     for kwargs in cases:
         module = make_module(**kwargs)
-        roll = module.sample(["What is 1 plus 2?"], module.rollout_cfg, seed=0)
-        module.distill(roll).loss.backward()
+        roll = module.distiller.sample(["What is 1 plus 2?"], module.distiller.rollout, seed=0)
+        module.distiller.distill(roll).loss.backward()
         missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, (kwargs, missing)
-    assert "lm_head.weight" not in module.frozen  # the token-space term trains the head
+    assert "lm_head.weight" not in module.distiller.frozen  # the token-space term trains the head
 
 
 class RecordingEngine(HFGenerateEngine):
@@ -83,7 +83,7 @@ def test_unknown_engines_are_refused_with_the_registered_names():
     with pytest.raises(TypeError):
         register_engine("bad", object)
     assert isinstance(get_engine("hf"), HFGenerateEngine)
-    assert make_module().rollout_cfg.greedy().engine == "hf"
+    assert make_module().distiller.rollout.greedy().engine == "hf"
 
 
 def test_sharding_is_a_no_op_in_one_process(tmp_path):

@@ -18,7 +18,7 @@ from oprd.evaluation.scoring import score
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from tests.conftest import EXACT, ROOT, assert_same_state
-from tests.distributed_worker import specs, train
+from tests.parallel.distributed_worker import specs, train
 
 OPRD = Path(sys.executable).parent / "oprd"
 TIMEOUT = 600
@@ -40,7 +40,7 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _worker(out: Path, rollouts: Path, *flags: str) -> dict:
-    command = [sys.executable, "-m", "tests.distributed_worker", "--out", str(out), "--rollout", str(rollouts)]
+    command = [sys.executable, "-m", "tests.parallel.distributed_worker", "--out", str(out), "--rollout", str(rollouts)]
     _run([*command, "--dtype", EXACT, *flags], ROOT)
     return torch.load(out / "result.pt", weights_only=False)
 
@@ -51,7 +51,9 @@ def rollouts(tmp_path_factory) -> Path:
     base = DistillModule(**specs())
     steps = []
     for step, lengths in enumerate(LENGTHS):
-        roll = base.sample([f"What is {i} plus {i + step + 1}?" for i in range(8)], RolloutConfig(10), seed=step)
+        roll = base.distiller.sample(
+            [f"What is {i} plus {i + step + 1}?" for i in range(8)], RolloutConfig(10), seed=step
+        )
         keep = torch.arange(roll.input_ids.shape[1]) < roll.prompt_length + torch.tensor(lengths)[:, None]
         roll.response_mask *= keep
         roll.attention_mask *= keep
@@ -135,7 +137,7 @@ def test_fsdp2_shards_and_matches_single_process_and_its_checkpoint_loads(rollou
     assert not any("teacher" in k for k in restored.state_dict())
     for name, weight in result["weights"].items():
         assert torch.equal(restored.state_dict()[name], weight), name
-    metrics, _ = score(restored, ["What is 1 plus 2?", "What is 3 plus 4?"], [None, None])
+    metrics, _ = score(restored.distiller, ["What is 1 plus 2?", "What is 3 plus 4?"], [None, None])
     assert torch.isfinite(metrics["reverse_kl"]) and torch.isfinite(metrics["hidden"])
 
 

@@ -19,7 +19,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from oprd.losses.lm_head import head_logits, head_params
+from oprd.losses.lm_head import Head, head_logits
 from oprd.losses.token import TokenLossConfig
 from oprd.models.capture import NORM, HiddenCapture, forward_inputs
 from oprd.models.heads import (
@@ -176,7 +176,8 @@ def both_logits(model: torch.nn.Module, config: PretrainedConfig, ids: torch.Ten
     own = model(**forward_inputs(ids, mask), output_hidden_states=True)
     norm = HiddenCapture(model, [NORM], stop_early=False).run(ids, mask)[NORM]
     config = with_model_logit_transforms(TokenLossConfig(), config)
-    logits = head_logits(norm, *head_params(model.get_output_embeddings()), config, own.logits.shape[-1])
+    head = Head.of(model.get_output_embeddings())
+    logits = head_logits(norm, head.weight, head.bias, config, own.logits.shape[-1])
     return own, norm, logits
 
 
@@ -209,7 +210,8 @@ def test_family_head_is_exact_or_refused(model_type):
     if model_type not in HIDDEN_STATES_NOT_NORMED:
         torch.testing.assert_close(norm, own.hidden_states[-1], rtol=0, atol=0)
     if model_type in HEAD_RULES:  # the rule changes this config's logits, so the test above is not vacuous
-        bare = head_logits(norm, *head_params(model.get_output_embeddings()), TokenLossConfig(), logits.shape[-1])
+        head = Head.of(model.get_output_embeddings())
+        bare = head_logits(norm, head.weight, head.bias, TokenLossConfig(), logits.shape[-1])
         assert not torch.allclose(bare, own.logits.float(), rtol=1e-3, atol=1e-4)
 
 

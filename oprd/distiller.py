@@ -1,0 +1,185 @@
+"""Distiller: on-policy representation distillation without Lightning.
+
+It holds the pair, the objective and the settings, and does a step's work: the responses (on- or off-policy), both
+models' states, the objective's terms, the calibration of the Bridge or `select`. Held-out scoring
+(`oprd.evaluation.scoring`), compare's probe and the report take a Distiller; `DistillModule` is the Lightning glue
+around one (hooks, logging, optimizer). Everything a step calls goes down from here, never back up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from oprd.models.capture import NORM, Point
+from oprd.models.spec import ModelSpec
+from oprd.objective.calibration import calibrate_projectors
+from oprd.objective.objective import LossTerms, Objective, ObjectiveConfig
+from oprd.pair import ModelPair, PairConfigs, choose_student_layers
+from oprd.parallel.placement import TeacherPlacement
+from oprd.parallel.sharding import freeze_unreached
+from oprd.rollout.engine import get_engine
+from oprd.rollout.mixing import check_responses, coin_seed, is_on_policy
+from oprd.rollout.sampling import Rollout, RolloutConfig, eos_ids, rollout_from_responses
+
+Responder = Literal["student", "teacher"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out scoring: the `DistillModule` settings `val_max_new_tokens`, `eval_model`, `eval_samples`,
+    `eval_temperature` and `eval_top_p`."""
+
+    max_new_tokens: int | None = None
+    """Greedy response length; None: the rollout's `max_new_tokens`."""
+    model: Responder = "student"
+    """Who answers the held-out prompts in validate/test."""
+    samples: int = 0
+    """k > 0 adds `accuracy_avg@k` and `accuracy_best@k` (k samples per prompt)."""
+    temperature: float = 0.7
+    top_p: float = 0.95
+
+
+class Distiller:
+    """A student, its frozen teacher and the objective between them, with the settings of a run.
+
+    Args:
+        pair: the two models and their tokenizer.
+        objective: the terms and what is learned besides the student.
+        rollout: how the student samples during training (and the on-policy fraction).
+        evaluation: how held-out prompts are answered.
+        seed: base seed of the rollouts, the on/off-policy coins and the calibration rollouts.
+
+    Attributes:
+        lockstep: whether `generate` must keep the ranks in lock-step for a model (`synced_gpus`); a trainer that
+            shards sets it (default: never).
+        frozen: the student's parameters the objective cannot reach, frozen (so DDP finds no unused parameters).
+        student_spec: where the student came from, with a depth-pruned student's chosen layers (`build` sets it).
+    """
+
+    def __init__(
+        self, pair: ModelPair, objective: Objective, rollout: RolloutConfig, evaluation: EvalConfig, seed: int = 0
+    ) -> None:
+        self.pair, self.objective, self.rollout, self.evaluation, self.seed = pair, objective, rollout, evaluation, seed
+        self.lockstep: Callable[[nn.Module], bool] = lambda model: False
+        # Projectors are float32 (bf16/fp16 states are compared in float32) unless the student is float64: then the
+        # whole step stays float64, so two orders of the same computation can be compared far below float32 round-off.
+        objective.projectors.to(torch.promote_types(next(self.student.parameters()).dtype, torch.float32))
+        points, layers = objective.points("student"), pair.layers_paths["student"]
+        self.frozen = freeze_unreached(self.student, points, layers, objective.needs_head)
+        self.student_spec: ModelSpec | None = None
+
+    @classmethod
+    def build(
+        cls,
+        teacher: ModelSpec,
+        student: ModelSpec,
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        rollout: RolloutConfig = RolloutConfig(),
+        evaluation: EvalConfig = EvalConfig(),
+        *,
+        tokenizer: str | None = None,
+        max_prompt_length: int = 512,
+        truncate_prompts: bool = True,
+        placement: TeacherPlacement = TeacherPlacement(),
+        seed: int = 0,
+    ) -> Distiller:
+        """Read and check both configs (a bad layer map, vocabulary or position limit fails before any weights
+        load), choose a depth-pruned student's layers, then load the pair. `student_spec` holds the spec with the
+        chosen layers."""
+        max_new_tokens = max(rollout.max_new_tokens, evaluation.max_new_tokens or 0)
+        student = choose_student_layers(teacher, student, tokenizer, max_prompt_length, max_new_tokens)
+        configs = PairConfigs.read(teacher, student, tokenizer, max_prompt_length, max_new_tokens)
+        built = Objective.from_config(
+            objective, configs.student, configs.teacher, len(configs.tokenizer), configs.kept, seed
+        )
+        engine = get_engine(rollout.engine)
+        pair = ModelPair(teacher, student, configs, placement, engine, max_prompt_length, truncate_prompts)
+        distiller = cls(pair, built, rollout, evaluation, seed)
+        distiller.student_spec = student
+        return distiller
+
+    @property
+    def student(self) -> nn.Module:
+        return self.pair.student
+
+    # ---- responses --------------------------------------------------------------------------------------------
+
+    def sample(self, prompts: list[str], config: RolloutConfig, seed: int | None = None, model=None) -> Rollout:
+        """Responses of `model` (default: the student), in lock-step across ranks where the strategy needs it."""
+        synced = self.lockstep(model or self.student)
+        return self.pair.sample(prompts, config, seed=seed, model=model, synced=synced)
+
+    def responses(
+        self, batch: dict[str, list], seed: int, coin: int | None = None, lmbda: float | None = None
+    ) -> tuple[Rollout, bool]:
+        """A step's responses, and whether they are the student's own (GKD's mixing, `oprd.rollout.mixing`).
+
+        Args:
+            seed: samples the responses (one per rank).
+            coin: picks on- or off-policy (default `seed`); the same on every rank, since a sharded student
+                generates in lock-step and all ranks must take the same branch.
+            lmbda: this step's on-policy fraction (default `rollout.lmbda`).
+        """
+        config = self.rollout
+        if is_on_policy(config.lmbda if lmbda is None else lmbda, seed if coin is None else coin):
+            return self.sample(batch["prompt"], config, seed=seed), True
+        if config.seq_kd:
+            return self.sample(batch["prompt"], config, seed=seed, model=self.pair.teacher), False
+        check_responses(batch["response"])
+        tokenizer, prompts = self.pair.tokenizer, self.pair.format(batch["prompt"])
+        eos = eos_ids(self.student, tokenizer)
+        roll = rollout_from_responses(
+            tokenizer, prompts["input_ids"], prompts["attention_mask"], batch["response"], eos, config.max_new_tokens
+        )
+        return roll.to(self.pair.device), False
+
+    def step_responses(self, batch: dict[str, list], step: int, seed: int) -> tuple[Rollout, bool, float]:
+        """Optimizer step `step`'s responses sampled with `seed`: one on/off-policy coin per optimizer step (every
+        micro-batch and rank takes the same kind), at the step's scheduled fraction. Returns the rollout, whether it
+        is on-policy and that fraction."""
+        lmbda = self.rollout.lmbda_at(step)
+        self.pair.engine.wake()
+        roll, on_policy = self.responses(batch, seed, coin_seed(self.seed, step), lmbda)
+        self.pair.engine.sleep()  # an engine on the GPU frees its memory for the update
+        return roll, on_policy, lmbda
+
+    # ---- states and terms -------------------------------------------------------------------------------------
+
+    def states(self, roll: Rollout, head: bool | None = None) -> tuple[dict[Point, Tensor], dict[Point, Tensor]]:
+        """Student states (with gradient when enabled) and teacher states (no grad), `[b, t, d]` per capture point of
+        the objective; `head` adds the final normed states (default: when the objective has a token-space term)."""
+        teacher = self.pair.teacher_states(roll, self.objective.points("teacher", head))
+        return self.pair.student_states(roll, self.objective.points("student", head)), teacher
+
+    def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
+        """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
+        the objective."""
+        objective = self.objective
+        teacher = self.pair.teacher_states(roll, objective.points("teacher")) if teacher is None else teacher
+        gap = roll.logprobs is not None  # the engine reports its log-probs: check it samples this policy
+        student = self.pair.student_states(roll, objective.points("student", objective.needs_head or gap))
+        heads = self.pair.heads() if objective.needs_head or gap else None
+        terms = objective(student, teacher, roll, heads if objective.needs_head else None)
+        if gap:
+            terms.rollout_logprob_gap = objective.rollout_logprob_gap(student[NORM], roll, heads)
+        return terms
+
+    # ---- calibration ------------------------------------------------------------------------------------------
+
+    def calibrate(self, prompts: list[str], batch_size: int) -> dict[str, float]:
+        """Calibrate the projectors (Bridge, select) on `prompts` (the run's training prompts) if they are not
+        calibrated yet; returns their metrics, empty when there was nothing to do."""
+        if not self.objective.needs_calibration:
+            return {}
+        return calibrate_projectors(self.objective.projectors, self._calibration_rows, prompts, batch_size, self.seed)
+
+    def _calibration_rows(self, prompts: list[str], number: int) -> tuple[dict, dict, Tensor]:
+        # Seeded apart from the training rollouts (which derive theirs from the step), never from the global RNG.
+        roll = self.sample(prompts, self.rollout, seed=self.seed * 7919 + number)
+        student, teacher = self.states(roll, head=False)
+        return student, teacher, roll.response_mask.bool()
