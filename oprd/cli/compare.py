@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -77,18 +78,16 @@ def compare_parser() -> ArgumentParser:
     parser.add_argument("--eval_every", type=int | None, default=None, help="Steps between held-out scores.")
     parser.add_argument(
         "--budget",
-        type=str,
+        type=Literal["steps", "time"],
         default="steps",
-        choices=["steps", "time"],
         help="Equal steps, or equal training seconds (--time_s; the schedule is then constant).",
     )
     parser.add_argument("--time_s", type=float | None, default=None, help="Training seconds per run (--budget time).")
     parser.add_argument("--eval_prompts", type=int, default=64, help="Held-out prompts (half select, half report).")
     parser.add_argument(
         "--select",
-        type=str,
+        type=Literal["reverse_kl", "accuracy"],
         default="reverse_kl",
-        choices=["reverse_kl", "accuracy"],
         help="The metric that picks each objective's learning rate, on the selection half.",
     )
     parser.add_argument(

@@ -4,7 +4,8 @@
   Bridge's calibration, every optimizer step from the start of its first micro-batch to the start of the next step
   (rollouts, update, optimizer step, weight sync to a rollout engine, the loop's own work), and nothing of the
   held-out evaluations. With `budget_s`, a run stops before a step that would overshoot the budget (a step is
-  predicted to take the median of those before it) and reports the seconds it actually trained.
+  predicted to take the median of those before it, or the last one's seconds when that is more) and reports the
+  seconds it actually trained.
 * Update memory is measured on one optimizer step (the second; the first if it is the only one): the peak of bytes
   allocated during its update windows (after each rollout: teacher and student passes, losses, backward, optimizer
   step) above what was allocated when they began (`oprd.training.memory`; CUDA allocator counters, or on CPU a
@@ -138,7 +139,10 @@ class CompareProbe(L.Callback):
         this = time.perf_counter() - self._step_start
         if self._memory is not None and self.step_s:
             this = statistics.median(self.step_s.values())
-        if self.train_s + this + statistics.median([*self.step_s.values(), this]) > self.budget_s:
+        # The next step is predicted to cost at least this one: steps that grow dearer (a warm start turning
+        # on-policy, longer responses) would overshoot a prediction by the median alone.
+        next_s = max(this, statistics.median([*self.step_s.values(), this]))
+        if self.train_s + this + next_s > self.budget_s:
             trainer.should_stop = True
 
     def on_train_end(self, trainer, module) -> None:

@@ -277,6 +277,21 @@ def test_a_time_budget_stops_before_the_step_that_would_overshoot_it(tmp_path, m
     assert probe.rows[-1]["train_s"] == probe.train_s
 
 
+def test_a_time_budget_is_kept_when_the_steps_grow_dearer(tmp_path, monkeypatch):
+    # Three 1-second steps, then 3-second ones (a warm start that turns on-policy): the median of the steps so far
+    # (1 s) would let the fifth step start at 6 of 7 seconds and end at 9.
+    clock, costs = {"now": 0.0}, iter([1.0, 1.0, 1.0] + [3.0] * 20)
+    monkeypatch.setattr(oprd.compare.probe, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    def dearer_teacher(micro):
+        if micro.index is not None:
+            clock["now"] += next(costs)
+
+    probe = _probe(budget_s=7.0)
+    _fit(tmp_path, probe, steps=20, hooks=[("teacher", dearer_teacher)])
+    assert probe.train_s == 6.0  # three 1-second steps and one of 3 s; a fifth would end at 9
+
+
 def test_progress_lines_name_the_run_the_step_and_the_time_left(tmp_path, caplog):
     probe = _probe(name="run 2 of 3: oprd-lr0.01")
     probe.every = 2
