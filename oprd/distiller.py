@@ -159,12 +159,17 @@ class Distiller:
     def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
         the objective."""
-        objective = self.objective
-        teacher = self.pair.teacher_states(roll, objective.points("teacher")) if teacher is None else teacher
+        objective, targets = self.objective, None
+        projection = objective.teacher_projection() if teacher is None and self.pair.remote else None
+        if projection:  # a remote teacher sends the Bridge's r coordinates per token and pair, not its d_t states
+            head = [NORM] if objective.needs_head else []
+            teacher, targets = self.pair.projected_teacher_states(roll, head, projection)
+        elif teacher is None:
+            teacher = self.pair.teacher_states(roll, objective.points("teacher"))
         gap = roll.logprobs is not None  # the engine reports its log-probs: check it samples this policy
         student = self.pair.student_states(roll, objective.points("student", objective.needs_head or gap))
         heads = self.pair.heads() if objective.needs_head or gap else None
-        terms = objective(student, teacher, roll, heads if objective.needs_head else None)
+        terms = objective(student, teacher, roll, heads if objective.needs_head else None, targets=targets)
         if gap:
             terms.rollout_logprob_gap = objective.rollout_logprob_gap(student[NORM], roll, heads)
         return terms

@@ -152,6 +152,16 @@ class ModelPair:
         """The teacher's states `[b, t, d]` at `points`, on the student's device; its pass stops after the deepest."""
         return self.frozen_teacher.states(roll, points, self.layers_paths["teacher"], self.device)
 
+    @torch.no_grad()
+    def projected_teacher_states(
+        self, roll: Rollout, points: list[Point], projection: dict[str, tuple[Point, Tensor, Tensor]]
+    ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
+        """A remote teacher's states at `points` and, per pair label of `projection`, its state's coordinates in the
+        Bridge's basis, computed on the replica (`RemoteTeacher.projected_states`)."""
+        if not self.remote:
+            raise ValueError("Only a remote teacher projects its own states; an in-process one hands them over whole.")
+        return self.frozen_teacher.projected_states(roll, points, projection, self.device)
+
     def student_states(self, roll: Rollout, points: list[Point]) -> dict[Point, Tensor]:
         """The student's states `[b, t, d]` at `points` (with gradient when enabled)."""
         return hidden_states(self.student, points, self.layers_paths["student"], roll.input_ids, roll.attention_mask)

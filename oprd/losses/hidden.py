@@ -92,6 +92,12 @@ def hidden_standardized_mse(student: Tensor, teacher: Tensor, mask: Tensor, std:
     return masked_sum(per_token, mask)
 
 
+def basis_coordinates(states: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
+    """States `[..., d]` as coordinates in an orthonormal basis `[d, r]` around `mean` `[d]`: `[..., r]`, in float32
+    (the Bridge's teacher side; a remote teacher computes it where the states are)."""
+    return (states.float() - mean) @ basis
+
+
 def at_least_float32(x: Tensor) -> Tensor:
     """`x` in float32, or in its own dtype when that is wider (float64): low-precision states are compared in float32,
     and a float64 run stays float64 end to end."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oprd.losses.hidden import basis_coordinates
 from oprd.models.capture import Point
 from oprd.objective.projectors import pair_label
 
@@ -108,7 +109,15 @@ class BridgeProjectors(nn.Module):
     def targets(self, teacher_states: dict[Point, Tensor]) -> dict[str, Tensor]:
         """Each pair's teacher state `[b, t, d_t]` -> its coordinates in the teacher basis, `[b, t, r]`."""
         return {
-            label: (teacher_states[t].float() - getattr(self, f"mean_{label}")) @ getattr(self, f"basis_{label}")
+            label: basis_coordinates(teacher_states[t], getattr(self, f"mean_{label}"), getattr(self, f"basis_{label}"))
+            for label, (_, t) in zip(self.labels, self.pairs, strict=True)
+        }
+
+    def teacher_projection(self) -> dict[str, tuple[Point, Tensor, Tensor]]:
+        """What `targets` applies to the teacher, for a teacher that applies it itself: pair label -> (teacher point,
+        mean `[d_t]`, basis `[d_t, r]`), on the CPU."""
+        return {
+            label: (t, getattr(self, f"mean_{label}").cpu(), getattr(self, f"basis_{label}").cpu())
             for label, (_, t) in zip(self.labels, self.pairs, strict=True)
         }
 

@@ -218,6 +218,14 @@ class Objective(nn.Module):
         """Whether training reads the LM heads (a token-space term): the `norm` point and the heads are needed."""
         return self.token_loss is not None
 
+    def teacher_projection(self) -> dict[str, tuple[Point, Tensor, Tensor]] | None:
+        """The calibrated Bridge's teacher side (pair label -> teacher point, mean, basis), for a remote teacher to
+        apply where the states are and send `r` numbers per token and pair instead of `d_t`; None otherwise."""
+        projection = getattr(self.projectors, "teacher_projection", None)
+        if projection is None or not self.pairs or self.needs_calibration:
+            return None
+        return projection()
+
     def points(self, who: Literal["student", "teacher"], head: bool | None = None) -> list[Point]:
         """The capture points `who`'s pass must produce; `head` (default: `needs_head`) adds the final normed state."""
         side = 0 if who == "student" else 1
@@ -231,6 +239,7 @@ class Objective(nn.Module):
         roll: Rollout,
         heads: Heads | None = None,
         token_loss: TokenLossConfig | None = None,
+        targets: dict[str, Tensor] | None = None,
     ) -> LossTerms:
         """Every term on one rollout.
 
@@ -240,6 +249,8 @@ class Objective(nn.Module):
             roll: the rollout (response mask, and the sampled tokens for a token term).
             heads: the output heads, needed with a token term.
             token_loss: the token term to compute (default: the configured one; `eval_kl` for held-out scoring).
+            targets: each pair's teacher target, when the teacher computed it (`teacher_projection`); `teacher`
+                then needs no pair's state.
         """
         token_loss = token_loss or self.token_loss
         terms = LossTerms(loss=roll.response_mask.new_zeros((), dtype=torch.float32), hidden=None)
@@ -250,7 +261,7 @@ class Objective(nn.Module):
         terms.tokens = responses if token_loss is not None else selected
         if self.pairs:
             projected = self.projectors(student)
-            targets = self.projectors.targets(teacher)
+            targets = self.projectors.targets(teacher) if targets is None else targets
             stds = None if self.moments is None else self.teacher_stds(targets, roll.response_mask)
             terms.pairs = hidden_loss_sums(projected, targets, roll.response_mask, self.hidden_loss, stds)
             terms.cosine = {

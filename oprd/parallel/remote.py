@@ -14,7 +14,10 @@ replica, and the trainer fills their place with zeros that every mask drops. A t
 normed state (`norm`) too, and the trainer forms the teacher's logits from it chunk by chunk with the teacher's LM head
 `[v, d]`, fetched once: the only part of the teacher the trainer holds, so every token objective is as exact as with the
 teacher in-process (NeMo-RL and verl's Nitrobrew ship pre-head states for the same reason: full logits are ~v/d times
-larger).
+larger). With a calibrated OPRD-Bridge the trainer sends the Bridge's teacher side (each pair's mean `[d]` and basis
+`[d, r]`) with the request, and the replica sends each pair's coordinates `[b, t - start, r]` instead of its states:
+r numbers per token and pair instead of d (8 instead of 576 for SmolLM2), computed by the same function, on the same
+full-length states, as the trainer would compute them, so the losses are the same to the bit.
 
 Requests go to the replicas in turn, one whole request per replica, so a replica computes exactly what an
 in-process teacher with the same thread count computes (bitwise). A replica that dies has its request retried on
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from oprd.losses.hidden import basis_coordinates
 from oprd.losses.lm_head import Head
 from oprd.models.capture import Point
 from oprd.models.spec import ModelSpec, load_model
@@ -105,6 +109,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+Projection = dict[str, tuple[Point, Tensor, Tensor]]
+"""The Bridge's teacher side: pair label -> (teacher point, mean `[d]`, basis `[d, r]`)."""
+
+
 class TeacherReplica:
     """One frozen teacher inside a Ray actor (`ray.remote(TeacherReplica)`): its passes, head and samples.
 
@@ -134,6 +142,21 @@ class TeacherReplica:
 
         states = hidden_states(self.model, list(points), self.layers_path, input_ids, attention_mask)
         return shipped(states, start)
+
+    @torch.no_grad()
+    def projected_states(
+        self, input_ids: Tensor, attention_mask: Tensor, points: Sequence[Point], start: int, projection: Projection
+    ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
+        """The states at `points` and, per `projection` label, its teacher state's coordinates in the basis
+        (`[b, t - start, r]`): the Bridge's targets, computed here as the trainer would compute them."""
+        from oprd.models.capture import hidden_states
+
+        wanted = sorted({*points, *(point for point, _, _ in projection.values())}, key=str)
+        states = hidden_states(self.model, wanted, self.layers_path, input_ids, attention_mask)
+        coordinates = {
+            label: basis_coordinates(states[p], mean, basis) for label, (p, mean, basis) in projection.items()
+        }
+        return shipped({p: states[p] for p in points}, start), shipped(coordinates, start)
 
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The LM head's `(weight [v, d], bias [v] or None)`."""
@@ -291,6 +314,17 @@ class RemoteTeacher:
         ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
         states = self._call("states", ids, mask, list(points), start)
         return {point: restored(state, start).to(device) for point, state in states.items()}
+
+    def projected_states(
+        self, roll: Rollout, points: Sequence[Point], projection: Projection, device: torch.device
+    ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
+        """The teacher's states at `points` and the Bridge's targets per pair label (`projection`), on `device`."""
+        ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
+        states, targets = self._call("projected_states", ids, mask, list(points), start, projection)
+        return (
+            {point: restored(state, start).to(device) for point, state in states.items()},
+            {label: restored(target, start).to(device) for label, target in targets.items()},
+        )
 
     def generate(
         self,

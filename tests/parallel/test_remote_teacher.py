@@ -16,6 +16,7 @@ import torch
 from oprd.data import PromptDataModule
 from oprd.losses.token import TokenLossConfig
 from oprd.models.capture import NORM
+from oprd.objective.bridge import BridgeConfig
 from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
 from oprd.rollout import RolloutConfig
 from tests.conftest import ROOT, make_module, trainer
@@ -62,6 +63,24 @@ def test_remote_states_heads_and_samples_equal_the_in_process_teacher():
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
 
 
+def test_with_a_calibrated_bridge_a_replica_sends_the_bridge_coordinates_of_its_states():
+    bridge = {"projector": "bridge", "bridge": BridgeConfig(rank=4, batches=1), "token_loss": TOKEN}
+    local, away = make_module(**bridge), make_module(**bridge, remote_teacher=remote(replicas=1))
+    local.distiller.calibrate(PROMPTS, batch_size=3)
+    away.objective.load_state_dict(local.objective.state_dict())
+    projection = away.objective.teacher_projection()
+    assert projection is not None and set(projection) == set(local.objective.projectors.labels)
+    roll = local.pair.sample(PROMPTS, RolloutConfig(max_new_tokens=8), seed=3)
+    start = roll.prompt_length - 1
+    states, targets = away.pair.projected_teacher_states(roll, [NORM], projection)
+    expected = local.objective.projectors.targets(local.pair.teacher_states(roll, local.objective.points("teacher")))
+    assert set(states) == {NORM} and targets.keys() == expected.keys()  # no pair's d_t states travel
+    for label, target in targets.items():
+        assert target.shape[-1] == 4 and not target[:, :start].any()
+        assert torch.equal(target[:, start:], expected[label][:, start:]), label
+    assert make_module(**bridge).objective.teacher_projection() is None  # before calibration: whole states
+
+
 class Losses(L.Callback):
     """Every step's loss, and an optional action before a given step."""
 
@@ -90,8 +109,9 @@ def fit_losses(tmp_path, steps: int = 3, before_step: dict | None = None, **kwar
         {},  # hidden states only
         {"hidden_weight": 0.0, "token_loss": TOKEN},  # token term only: logits formed from the shipped norm state
         {"token_loss": TOKEN, "token_weight": 0.5},  # mixed
+        {"projector": "bridge", "bridge": BridgeConfig(rank=4, batches=1)},  # the replica sends the coordinates
     ],
-    ids=["hidden", "token", "mixed"],
+    ids=["hidden", "token", "mixed", "bridge"],
 )
 def test_a_fit_with_a_remote_teacher_logs_the_in_process_losses(tmp_path, objective):
     local = fit_losses(tmp_path / "local", **objective)
