@@ -15,6 +15,9 @@ import pytest
 from benchmarks.peers import QUICK_RATES, RATES, parse_rates
 from tests.conftest import ROOT
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
 # One torch thread: on a busy 2-core CI machine two threads spin waiting for each other (20x slower on tiny models).
 ARGS = {
     "loss_memory": ["--quick", "--threads", "1"],

@@ -12,6 +12,9 @@ from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from tests.conftest import ROOT
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("export")
+
 PROMPTS = ["What is 3 plus 4?", "Hello! How can I help you today?"]
 
 

@@ -18,6 +18,9 @@ import pytest
 from oprd.training.memory import KINDS
 from tests.conftest import ROOT
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once and its commands run in order.
+pytestmark = pytest.mark.xdist_group("readme")
+
 OPRD = os.path.join(os.path.dirname(sys.executable), "oprd")
 NEEDS_HARDWARE = ("accelerator gpu", "torchrun", "srun", "--trainer.num_nodes")
 

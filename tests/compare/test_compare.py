@@ -32,6 +32,9 @@ from oprd.training.memory import UpdateMemory
 from tests import wandb_reader
 from tests.conftest import ROOT, make_module, trainer
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("compare")
+
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):

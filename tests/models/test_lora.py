@@ -16,6 +16,9 @@ from oprd.models.lora import LoraSettings, is_lora
 from oprd.module import DistillModule
 from tests.conftest import STUDENT, make_module, trainer
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("lora")
+
 LORA = ModelSpec(config=STUDENT, seed=2, lora=LoraSettings(r=4, alpha=8))
 
 

@@ -20,6 +20,9 @@ from oprd.rollout import RolloutConfig
 from tests.conftest import EXACT, ROOT, assert_same_state
 from tests.parallel.distributed_worker import specs, train
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 OPRD = Path(sys.executable).parent / "oprd"
 TIMEOUT = 600
 # Response tokens per sequence of the two replayed steps. With 2 ranks x 2 micro-batches of 2 sequences, micro-batch

@@ -16,6 +16,9 @@ import torch
 from oprd.cli import main
 from tests.conftest import ROOT
 
+# Under xdist the module runs on one worker: its module-scoped fixture is built once.
+pytestmark = pytest.mark.xdist_group("resume")
+
 TINY = str(ROOT / "configs/tiny.yaml")
 
 
