@@ -14,6 +14,8 @@ import gc
 import json
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -172,7 +174,7 @@ def run_isolated(settings: CompareSettings, fits: Fits, objective: str, lr: floa
     # Not a multiprocessing Pool: a Pool whose worker dies (killed for memory, say) waits for its result forever.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_child, settings, fits, objective, lr).result()
+            return pool.submit(_child, settings, fits, objective, lr, os.getpid()).result()
         except BrokenProcessPool as err:
             raise ChildProcessError(
                 f"oprd compare: run {run_name(objective, lr)} died without a result (killed for memory?). The runs "
@@ -181,10 +183,23 @@ def run_isolated(settings: CompareSettings, fits: Fits, objective: str, lr: floa
             ) from err
 
 
-def _child(settings: CompareSettings, fits: Fits, objective: str, lr: float | None) -> tuple:
+def _child(settings: CompareSettings, fits: Fits, objective: str, lr: float | None, parent: int) -> tuple:
+    _exit_with(parent)
     fits.prepare_process()
     probe, diverged = run_one(settings, fits, objective, lr)
     return probe.rows, probe.summary(), diverged
+
+
+def _exit_with(parent: int) -> None:
+    """End this process once `parent` (the comparison that started this run) is gone, killed say: an orphaned run
+    would go on training beside whatever runs next."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="oprd-compare-parent", daemon=True).start()
 
 
 def run_one(

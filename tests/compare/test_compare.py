@@ -151,6 +151,47 @@ def test_a_run_whose_process_dies_fails_the_comparison_with_its_name(tmp_path, c
     assert "run oprd-lr0.01 died without a result" in capsys.readouterr().err
 
 
+class WaitAtTrainStart(L.Callback):
+    """Writes its process id to $OPRD_TEST_PIDFILE when training starts, then waits (a run still training)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        Path(os.environ["OPRD_TEST_PIDFILE"]).write_text(str(os.getpid()))
+        time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent has not collected it
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_killed_comparison_takes_its_running_run_with_it(tmp_path):
+    pidfile = tmp_path / "run.pid"
+    command = [
+        sys.executable, "-m", "oprd.cli.main", "compare", "--config", str(ROOT / "configs/tiny.yaml"), "--objectives",
+        "oprd", "--lr", "1e-2", "--steps", "2", "--eval_prompts", "4", "--out", str(tmp_path / "out"), "--",
+        "--trainer.callbacks+=tests.compare.test_compare.WaitAtTrainStart", "--trainer.logger", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "OPRD_TEST_PIDFILE": str(pidfile), "WANDB_MODE": "disabled"}
+    parent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not pidfile.exists() and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.5)
+        run = int(pidfile.read_text())
+        assert _alive(run)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while _alive(run) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(run), "the run outlived the comparison that started it"
+
+
 # ---- what the probe measures, on the tiny pair in-process ------------------------------------------------------
 
 MIB = 2**20
