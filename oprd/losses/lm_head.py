@@ -186,7 +186,8 @@ def sampled_logprobs(
     keep = rearrange(mask.bool(), "b t -> (b t)")
     states = rearrange(hidden, "b t d -> (b t) d")[keep]
     wanted = rearrange(targets, "b t -> (b t)")[keep]
-    weight, bias = Head.of(head).weight, Head.of(head).bias
+    head = Head.of(head)
+    weight, bias = head.weight, head.bias
     step = config.chunk_size or max(states.shape[0], 1)
     out = []
     for start in range(0, states.shape[0], step):

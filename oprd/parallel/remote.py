@@ -134,24 +134,20 @@ class TeacherReplica:
 
     @torch.no_grad()
     def states(
-        self, input_ids: Tensor, attention_mask: Tensor, points: Sequence[Point], start: int = 0
-    ) -> dict[Point, Tensor]:
-        """The teacher's states at `points` from position `start` on, `[b, t - start, d]` (copies: only they are
-        sent); the pass stops after the deepest point."""
-        from oprd.models.capture import hidden_states
-
-        states = hidden_states(self.model, list(points), self.layers_path, input_ids, attention_mask)
-        return shipped(states, start)
-
-    @torch.no_grad()
-    def projected_states(
-        self, input_ids: Tensor, attention_mask: Tensor, points: Sequence[Point], start: int, projection: Projection
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        points: Sequence[Point],
+        start: int = 0,
+        projection: Projection | None = None,
     ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
-        """The states at `points` and, per `projection` label, its teacher state's coordinates in the basis
-        (`[b, t - start, r]`): the Bridge's targets, computed here as the trainer would compute them."""
+        """The teacher's states at `points` from position `start` on, `[b, t - start, d]`, and per `projection` label
+        its teacher state's coordinates in the Bridge's basis, `[b, t - start, r]`, computed here as the trainer would
+        compute them (copies: only they are sent); the pass stops after the deepest point."""
         from oprd.models.capture import hidden_states
 
-        wanted = sorted({*points, *(point for point, _, _ in projection.values())}, key=str)
+        projection = projection or {}
+        wanted = list(dict.fromkeys([*points, *(point for point, _, _ in projection.values())]))
         states = hidden_states(self.model, wanted, self.layers_path, input_ids, attention_mask)
         coordinates = {
             label: basis_coordinates(states[p], mean, basis) for label, (p, mean, basis) in projection.items()
@@ -311,16 +307,14 @@ class RemoteTeacher:
         self, roll: Rollout, points: Sequence[Point], layers_path: str | None, device: torch.device
     ) -> dict[Point, Tensor]:
         """The teacher's states at `points` for `roll`'s sequences, on `device`."""
-        ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
-        states = self._call("states", ids, mask, list(points), start)
-        return {point: restored(state, start).to(device) for point, state in states.items()}
+        return self.projected_states(roll, points, {}, device)[0]
 
     def projected_states(
         self, roll: Rollout, points: Sequence[Point], projection: Projection, device: torch.device
     ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
         """The teacher's states at `points` and the Bridge's targets per pair label (`projection`), on `device`."""
         ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
-        states, targets = self._call("projected_states", ids, mask, list(points), start, projection)
+        states, targets = self._call("states", ids, mask, list(points), start, projection)
         return (
             {point: restored(state, start).to(device) for point, state in states.items()},
             {label: restored(target, start).to(device) for label, target in targets.items()},
