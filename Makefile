@@ -23,12 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(VENV)/bin/oprd fit --config configs/quickstart.yaml
 
-# Two test processes of one thread each: most tests build small models and run short Lightning fits, where a second
-# process gains more than a second thread. Tests that share a cluster or a built model run on one worker
-# (`xdist_group`); OMP_NUM_THREADS reaches the runs the tests start in subprocesses too.
+# Serial: under pytest-xdist (two workers) the README's validate/export commands ran without the checkpoint of the
+# fit before them in 2 of 4 fresh-clone runs, the module's xdist_group notwithstanding; not understood yet.
 test: setup
 	$(PY) -m ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow and not gpu" -q -n 2 --dist loadgroup
+	$(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: setup
 	$(PY) -m pytest -m "slow or gpu" -q
