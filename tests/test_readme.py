@@ -1,8 +1,9 @@
 """Every `oprd` command the README shows runs as written, on the tiny config, and does what the README says.
 
-Commands are read from the README's bash blocks, in order, and run in one fresh folder: the `fit` commands create
-`runs/tiny/checkpoints/last.ckpt`, which the later ones use. The model configs become `configs/tiny.yaml` (seconds
-instead of minutes), fits are cut to a few steps, and commands that need GPUs or a cluster are left out.
+Commands are read from the README's bash blocks and run in one fresh folder, in which the README's first `fit` has
+written `runs/tiny/checkpoints/last.ckpt` before any of them, so each command's test stands alone. The model configs
+become `configs/tiny.yaml` (seconds instead of minutes), fits are cut to a few steps, and commands that need GPUs or a
+cluster are left out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from oprd.training.memory import KINDS
 from tests.conftest import ROOT
 
-# Under xdist the module runs on one worker: its module-scoped fixture is built once and its commands run in order.
+# Under xdist the module runs on one worker, so its module-scoped fixture (a fit) is built once.
 pytestmark = pytest.mark.xdist_group("readme")
 
 OPRD = os.path.join(os.path.dirname(sys.executable), "oprd")
@@ -63,21 +64,31 @@ def test_the_readme_shows_every_subcommand():
     assert {"fit", "validate", "predict", "export", "compare"} <= shown
 
 
+def run_in(folder, command: str) -> tuple[int, str]:
+    """Run a README command on the tiny config in `folder`: its exit code and output (with the checkpoints there)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(on_tiny(command), cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*.ckpt"))
+    return run.returncode, f"{command}\n{run.stdout + run.stderr}\ncheckpoints in the folder: {files}"
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    """A folder with the held-out file the README names and the checkpoint of its first `fit`."""
     folder = tmp_path_factory.mktemp("readme")
     (folder / "heldout.jsonl").write_text(
         "".join(f'{{"prompt": "What is {a} plus {a + 3}?", "answer": "{2 * a + 3}"}}\n' for a in range(1, 5))
     )
+    first_fit = next(c for c in readme_commands() if shlex.split(c)[1] == "fit")
+    code, output = run_in(folder, first_fit)
+    assert code == 0, output[-3000:]
     return folder
 
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs_and_does_what_it_says(command, folder):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(on_tiny(command), cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, f"{command}\n{output[-3000:]}"
+    code, output = run_in(folder, command)
+    assert code == 0, output[-3000:]
     words = shlex.split(command)
     if "--help" in words:
         assert "--model.optim.lr" in output
