@@ -41,6 +41,7 @@ from benchmarks.common import (
 from benchmarks.setups import build_module, make_pair
 from oprd.compare.probe import CompareProbe, evaluate
 from oprd.data import arithmetic_examples, collate
+from oprd.distiller import EvalConfig
 from oprd.rollout import RolloutConfig
 from oprd.training.memory import UpdateMemory
 from oprd.training.optim import OptimConfig
@@ -74,7 +75,9 @@ def parse_rates(items: list[str], defaults: dict[str, float]) -> dict[str, list[
 def train_oprd(method: str, lr: float, pair, items: list[dict], args) -> tuple[object, dict]:
     rollout = RolloutConfig(max_new_tokens=args.response_tokens, temperature=1.0)
     optim = OptimConfig(lr=lr, schedule="constant")
-    module = build_module(pair, method, rollout, optim, seed=args.seed, val_max_new_tokens=args.eval_tokens)
+    module = build_module(
+        pair, method, rollout, optim, seed=args.seed, eval=EvalConfig(max_new_tokens=args.eval_tokens)
+    )
     probe = CompareProbe({}, every=args.steps, batch_size=args.eval_batch)  # the clock and the memory of compare
     trainer = L.Trainer(
         accelerator=pick_device(args.device).type, max_steps=args.steps, logger=False, enable_checkpointing=False,
@@ -164,7 +167,7 @@ def run(args) -> tuple[list[dict], dict]:
             start = time.perf_counter()
             if method == "trl":
                 scorer = build_module(pair, "opd", RolloutConfig(max_new_tokens=args.response_tokens), seed=args.seed,
-                                      val_max_new_tokens=args.eval_tokens)  # fmt: skip
+                                      eval=EvalConfig(max_new_tokens=args.eval_tokens))  # fmt: skip
                 student, measured = train_trl(scorer, lr, items, args)
                 scorer.student = scorer.pair.student = student
             else:

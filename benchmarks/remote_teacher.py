@@ -79,8 +79,9 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     args += ["--checkpoint.save_last", "false", "--trainer.limit_val_batches", "0"]
     args += ["--trainer.default_root_dir", str(Path.cwd() / "runs")]
     if replicas:
-        args += ["--model.remote_teacher.replicas", str(replicas), "--model.remote_teacher.threads", str(threads)]
-        args += ["--model.remote_teacher.name", f"benchmark-{time.time_ns()}"]
+        remote = "--model.teacher_placement.remote"
+        args += [f"{remote}.replicas", str(replicas), f"{remote}.threads", str(threads)]
+        args += [f"{remote}.name", f"benchmark-{time.time_ns()}"]
     cli = build_cli(args)
     times = StepTimes()
     cli.trainer.callbacks[:] = [times]

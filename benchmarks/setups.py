@@ -16,6 +16,7 @@ from oprd.models.depth import DepthPrune
 from oprd.models.lora import frozen_base_keys
 from oprd.models.width import WidthPrune
 from oprd.module import DistillModule
+from oprd.objective.objective import ObjectiveConfig
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
 
@@ -54,8 +55,10 @@ class Pair:
     """The student (`keep_every=2` for the pruned copy, which `DistillModule` builds from the teacher's weights)."""
     tokenizer: str | None = None
     """Tokenizer alias (`tiny` for random models); None: the models' own."""
+    layer_map: str = "uniform"
+    """`pruned` for a depth-pruned student."""
     module_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra `DistillModule` arguments of the pair (the layer map of a pruned student)."""
+    """Extra `DistillModule` arguments of the pair (the prompt length of the tiny models)."""
 
 
 def make_pair(name: str, models: str = "smollm2", dtype: str = "float32") -> Pair:
@@ -77,15 +80,14 @@ def make_pair(name: str, models: str = "smollm2", dtype: str = "float32") -> Pai
         # The teacher's every other layer; student layer i stands in for teacher layers 2i and 2i + 1 and learns the
         # output of the block's last one (`layer_map: pruned`, see oprd.models.prune.pruned_layer_map).
         student = replace(teacher, keep_every=2)
-        extra["layer_map"] = "pruned"
     if name == "compress":  # configs/compress.yaml's student: 20 layers by block influence, then 2/3 of the width
         tiny = models == "tiny"
         depth = DepthPrune(num_layers=2 if tiny else 20)
         width = WidthPrune(hidden_size=48 if tiny else 384, num_attention_heads=4 if tiny else 6,
                            intermediate_size=96 if tiny else 1024)  # fmt: skip
         student = replace(teacher, depth=depth, width=width)
-        extra["layer_map"] = "pruned"
-    return Pair(name, teacher, student, tokenizer=tokenizer, module_kwargs=extra)
+    layer_map = "uniform" if name == "arith" else "pruned"
+    return Pair(name, teacher, student, tokenizer=tokenizer, layer_map=layer_map, module_kwargs=extra)
 
 
 def build_module(
@@ -96,7 +98,7 @@ def build_module(
     seed: int = 0,
     **overrides: Any,
 ) -> DistillModule:
-    """A `DistillModule` for `method` on `pair`."""
+    """A `DistillModule` for `method` on `pair` (`overrides`: other `DistillModule` arguments)."""
     spec = dict(METHODS[method])
     if spec.get("token_loss") is not None:
         spec["token_loss"] = TokenLossConfig(**spec["token_loss"])
@@ -104,10 +106,11 @@ def build_module(
         teacher=pair.teacher,
         student=pair.student,
         tokenizer=pair.tokenizer,
+        objective=ObjectiveConfig(layer_map=pair.layer_map, **spec),
         rollout=rollout,
         optim=optim,
         seed=seed,
-        **{**pair.module_kwargs, **spec, **overrides},
+        **{**pair.module_kwargs, **overrides},
     )
 
 

@@ -8,6 +8,7 @@ around one (hooks, logging, optimizer). Everything a step calls goes down from h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,17 +32,28 @@ Responder = Literal["student", "teacher"]
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out scoring: the `DistillModule` settings `val_max_new_tokens`, `eval_model`, `eval_samples`,
-    `eval_temperature` and `eval_top_p`."""
+    """Held-out scoring in validate/test and the report (`model.eval`)."""
 
     max_new_tokens: int | None = None
     """Greedy response length; None: the rollout's `max_new_tokens`."""
     model: Responder = "student"
-    """Who answers the held-out prompts in validate/test."""
+    """Who answers the held-out prompts in validate/test: the `student` or the `teacher`."""
     samples: int = 0
-    """k > 0 adds `accuracy_avg@k` and `accuracy_best@k` (k samples per prompt)."""
+    """k > 0 adds `accuracy_avg@k` and `accuracy_best@k` (k samples per prompt) to held-out scoring."""
     temperature: float = 0.7
+    """Sampling temperature of `samples` (the OPRD paper: 0.7)."""
     top_p: float = 0.95
+    """Nucleus threshold of `samples` (the OPRD paper: 0.95)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (or null: the rollout's), got {self.max_new_tokens}.")
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0, got {self.samples}.")
+        if self.samples and not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite to sample, got {self.temperature}.")
+        if self.samples and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}.")
 
 
 class Distiller:

@@ -8,7 +8,6 @@ The work is the `oprd.distiller.Distiller`'s (responses, states, objective, cali
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,22 +17,18 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from oprd.distiller import Distiller, EvalConfig, Responder
+from oprd.distiller import Distiller, EvalConfig
 from oprd.evaluation.scoring import ANSWERED, prompts_covered, score
 from oprd.hparams import to_plain, typed_model_args
-from oprd.losses.hidden import HiddenLossConfig
-from oprd.losses.token import TokenLossConfig
 from oprd.models.lora import frozen_base_keys
 from oprd.models.spec import ModelSpec
-from oprd.objective.bridge import BridgeConfig
-from oprd.objective.layer_map import LayerMapSpec
-from oprd.objective.objective import ObjectiveConfig, Projector
+from oprd.objective.objective import ObjectiveConfig
 from oprd.parallel.placement import TeacherPlacement
-from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
+from oprd.parallel.remote import TeacherUnavailable
 from oprd.parallel.sharding import configure_sharding, synced_generation
 from oprd.rollout.sampling import RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
-from oprd.training.guard import NonFinite, NonFiniteGuard
+from oprd.training.guard import GuardConfig, NonFiniteGuard
 from oprd.training.optim import OptimConfig, build_optimizer, retune_saved_optimizer, scale_gradients
 from oprd.training.throughput import StepMeter
 
@@ -45,37 +40,15 @@ class DistillModule(L.LightningModule):
         teacher: the frozen teacher model.
         student: the student model (trained).
         tokenizer: tokenizer id/folder/alias, or `tiny`; default: the student's, else the teacher's.
-        layer_map: `uniform`, `all`, `last`, `norm`, `pruned`, or explicit `[[student, teacher], ...]` pairs.
-        projector: `linear` (a trained `Linear(d_S, d_T)` per pair, identity for equal widths), `bridge`
-            (OPRD-Bridge: a frozen rank-r PCA basis of the teacher's states, calibrated; for different widths) or
-            `select` (no parameters: each student channel against the teacher channel it matches best, calibrated;
-            for a student no wider than its teacher, e.g. a width-pruned copy).
-        bridge: the Bridge's rank and calibration (its `rows`, `batches` and `holdout` also calibrate `select`).
-        hidden_loss: how hidden states are compared.
-        hidden_weight: mu, the weight of the hidden-state term (0 turns it off: pure token-space distillation).
-        token_loss: the token-space (logit) term on the same rollout and teacher pass; None turns it off.
-        token_weight: the weight of the token-space term.
-        balance: rescale the hidden term to the token term's magnitude (a detached ratio) before weighting.
-        rollout: how the student samples during training.
+        objective: what the student is trained against: layer map, projectors, hidden and token terms.
+        rollout: how the student samples during training (and the on-policy fraction).
         optim: optimizer and schedule.
+        eval: held-out scoring in validate/test and the report.
+        guard: what a NaN/inf loss or gradient does.
+        teacher_placement: where the teacher runs (another device, offloaded, sharded, or on Ray replicas).
         max_prompt_length: longest prompt in tokens.
         truncate_prompts: cut longer prompts (with a warning) instead of refusing them.
-        val_max_new_tokens: response length during evaluation (greedy); default `rollout.max_new_tokens`.
-        eval_model: who answers the held-out prompts in validate/test: the `student` or the `teacher`.
-        eval_samples: k > 0 adds `accuracy_avg@k` and `accuracy_best@k` (k samples per prompt) to held-out scoring.
-        eval_temperature: sampling temperature of `eval_samples` (the OPRD paper: 0.7).
-        eval_top_p: nucleus threshold of `eval_samples` (the OPRD paper: 0.95).
-        nonfinite: on a NaN/inf loss or gradient, `stop` (saving the last good state first) or `skip` the step.
-        nonfinite_max_skips: with `nonfinite: skip`, stop after this many skipped steps in a row.
-        keep_last_good: copy the trainable weights to CPU memory after each finite step, so that a stop saves the
-            last weights that gave a finite loss.
         seed: base seed of the rollouts (each step's seed derives from it, so resumed runs sample the same).
-        teacher_device: run the teacher on this device (`cuda:1`, `cpu`) instead of the student's.
-        offload_teacher: keep the teacher in CPU memory, on the device for its pass only (one copy per step).
-        shard_teacher: shard the teacher with FSDP2 across all processes (under `fsdp2` or `ddp`); the memory cost
-            of each placement: `oprd.parallel.placement`.
-        remote_teacher: run the teacher as replicas on Ray actors (this machine's cluster or another's) instead of
-            in the trainer's process (`oprd.parallel.remote`).
     """
 
     def __init__(
@@ -83,57 +56,39 @@ class DistillModule(L.LightningModule):
         teacher: ModelSpec,
         student: ModelSpec,
         tokenizer: str | None = None,
-        layer_map: LayerMapSpec = "uniform",
-        projector: Projector = "linear",
-        bridge: BridgeConfig = BridgeConfig(),
-        hidden_loss: HiddenLossConfig = HiddenLossConfig(),
-        hidden_weight: float = 1.0,
-        token_loss: TokenLossConfig | None = None,
-        token_weight: float = 1.0,
-        balance: bool = False,
+        objective: ObjectiveConfig = ObjectiveConfig(),
         rollout: RolloutConfig = RolloutConfig(),
         optim: OptimConfig = OptimConfig(),
+        eval: EvalConfig = EvalConfig(),
+        guard: GuardConfig = GuardConfig(),
+        teacher_placement: TeacherPlacement = TeacherPlacement(),
         max_prompt_length: int = 512,
         truncate_prompts: bool = True,
-        val_max_new_tokens: int | None = None,
-        eval_model: Responder = "student",
-        eval_samples: int = 0,
-        eval_temperature: float = 0.7,
-        eval_top_p: float = 0.95,
-        nonfinite: NonFinite = "stop",
-        nonfinite_max_skips: int = 5,
-        keep_last_good: bool = True,
         seed: int = 0,
-        teacher_device: str | None = None,
-        offload_teacher: bool = False,
-        shard_teacher: bool = False,
-        remote_teacher: RemoteTeacherConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         args = typed_model_args(self.hparams)  # every setting checked before anything loads
         for key, value in self.hparams.items():
             self.hparams[key] = to_plain(value)
-        self.optim_cfg = args["optim"]
-        objective = ObjectiveConfig(**{f.name: args[f.name] for f in dataclasses.fields(ObjectiveConfig)})
-        evaluation = EvalConfig(val_max_new_tokens, eval_model, eval_samples, eval_temperature, eval_top_p)
-        placement = TeacherPlacement(teacher_device, offload_teacher, shard_teacher, args["remote_teacher"])
+        self.optim_cfg, self.placement = args["optim"], args["teacher_placement"]
         self.distiller = Distiller.build(
             args["teacher"],
             args["student"],
-            objective,
+            args["objective"],
             args["rollout"],
-            evaluation,
+            args["eval"],
             tokenizer=tokenizer,
             max_prompt_length=max_prompt_length,
             truncate_prompts=truncate_prompts,
-            placement=placement,
+            placement=self.placement,
             seed=seed,
         )
         if self.distiller.student_spec is not args["student"]:  # layers chosen by importance go into every checkpoint
             self.hparams["student"] = to_plain(self.distiller.student_spec)
         self.pair, self.student, self.objective = self.distiller.pair, self.distiller.student, self.distiller.objective
-        self.guard = NonFiniteGuard(nonfinite, nonfinite_max_skips, keep_last_good)
+        guard = args["guard"]
+        self.guard = NonFiniteGuard(guard.nonfinite, guard.max_skips, guard.keep_last_good)
         self.meter, self._step_tokens, self._synced_step, self._update_tokens = StepMeter(), torch.zeros(()), 0, 0
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -246,7 +201,7 @@ class DistillModule(L.LightningModule):
         trainer = _attached_trainer(self)  # `load_from_checkpoint` calls this hook too: one process shards nothing
         if trainer is not None:
             keep_head, layers = self.objective.needs_head, self.pair.layers_paths
-            shard = self.hparams.shard_teacher
+            shard = self.placement.shard
             configure_sharding(
                 trainer.strategy, self.student, self.objective, self.pair.teacher, layers, shard, keep_head=keep_head
             )

@@ -26,9 +26,9 @@ def test_bf16_teacher_trains_on_cuda_and_logs_peak_memory(tmp_path):
     assert float(t.logged_metrics["train/peak_memory_gb"]) > 0
 
 
-@pytest.mark.parametrize("placement", [{"offload_teacher": True}, {"teacher_device": "cpu"}])
+@pytest.mark.parametrize("placement", [{"offload": True}, {"device": "cpu"}])
 def test_teacher_placement_moves_weights_and_keeps_results(placement):
-    plain, placed = make_module().cuda(), make_module(**placement).cuda()
+    plain, placed = make_module().cuda(), make_module(teacher_placement=placement).cuda()
     roll = plain.distiller.sample(PROMPTS, plain.distiller.rollout, seed=0)
     points = plain.objective.points("teacher")
     expected, got = plain.pair.teacher_states(roll, points), placed.pair.teacher_states(roll, points)

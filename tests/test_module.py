@@ -102,7 +102,7 @@ def test_a_float64_pair_trains_in_float64_end_to_end(kind):
     """`dtype: float64` keeps the whole step in float64 (models, projectors, losses): what the exact-comparison tests
     rely on. float32 pairs keep float32 projectors and losses, whatever the float64 running moments."""
     for dtype, want in (("float32", torch.float32), (EXACT, torch.float64)):
-        module = DistillModule(**_specs(dtype), hidden_loss=HiddenLossConfig(kind=kind))
+        module = DistillModule(**_specs(dtype), objective={"hidden_loss": HiddenLossConfig(kind=kind)})
         roll = module.distiller.sample(["What is 1 plus 2?", "Hi"], RolloutConfig(max_new_tokens=6), seed=0)
         terms = module.distiller.distill(roll)
         terms.loss.backward()
@@ -130,7 +130,7 @@ def test_bad_layer_map_fails_before_weights_load(monkeypatch):
 
     monkeypatch.setattr(oprd.pair, "load_model", no_loading)
     with pytest.raises(ValueError, match="out of range for the teacher"):
-        make_module(layer_map=[[0, 7]])
+        make_module(objective={"layer_map": [[0, 7]]})
 
 
 def test_validation_metrics(tmp_path):
@@ -212,11 +212,11 @@ def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
     selected = _first_k_by_hand(roll.response_mask, 2)
     assert selected.sum() < roll.response_mask.sum() / 2  # far fewer than the response tokens: the bug's factor
 
-    reference = DistillModule(**_specs(), hidden_loss=first_2)
+    reference = DistillModule(**_specs(), objective={"hidden_loss": first_2})
     _hidden_by_hand(reference, roll, selected).backward()
     expected = [p.grad for p in reference.student.parameters() if p.grad is not None]
     for micro, accumulate in ((8, 1), (4, 2)):
-        module = FixedRollouts(roll, micro, **_specs(), hidden_loss=first_2)
+        module = FixedRollouts(roll, micro, **_specs(), objective={"hidden_loss": first_2})
         trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(
             module, PromptDataModule(batch_size=micro)
         )
@@ -226,7 +226,7 @@ def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
 
     # The logged hidden term is the same mean, with a hidden term alone and next to a token term (one micro-batch).
     for token_loss in (None, TokenLossConfig()):
-        module = DistillModule(**_specs(), hidden_loss=first_2, token_loss=token_loss)
+        module = DistillModule(**_specs(), objective={"hidden_loss": first_2, "token_loss": token_loss})
         with torch.no_grad():
             logged = module.distiller.distill(roll).metrics()["hidden"]
             torch.testing.assert_close(logged, _hidden_by_hand(module, roll, selected), rtol=1e-5, atol=1e-8)

@@ -3,7 +3,8 @@ parser would take silently or report without a file and line.
 
 argparse takes `-1e-3` after a flag for another flag (it knows only `-1` and `-1.5` as negative numbers), and
 jsonargparse keeps the last of two `model:` sections in one file without a word, reports an empty file as
-"Unexpected config:" and a syntax error without the file's name.
+"Unexpected config:" and a syntax error without the file's name. A setting of the flat layout before the model's
+settings were grouped is named with its new key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Hashable
 from pathlib import Path
 
 import yaml
+
+from oprd.hparams import MOVED, moved_message
 
 NEGATIVE_NUMBER = re.compile(r"^-\.?(\d|inf$|nan$)", re.IGNORECASE)
 """A value that starts like a negative number (`-1e-3`, `-.5`, `-inf`), not like an option."""
@@ -62,13 +65,15 @@ def config_files(argv: list[str]) -> list[str]:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Every `--config` file is readable YAML, a mapping of settings, with no key given twice.
+    """Every `--config` file is readable YAML, a mapping of settings, with no key given twice and no model setting of
+    the flat layout before the settings were grouped (`model: {hidden_weight: 1}`); and no such flag either.
 
     Raises:
         ValueError: naming the file (and the line, where there is one) and the fix.
     """
     for file in config_files(argv):
         check_config_file(Path(file))
+    check_moved_flags(argv)
 
 
 def check_config_file(path: Path) -> None:
@@ -98,3 +103,19 @@ def check_config_file(path: Path) -> None:
             f"--config {path} holds a {type(settings).__name__} ({shown}), not settings: a config maps sections to "
             "settings, e.g. `trainer: {max_steps: 30}` (see configs/tiny.yaml)."
         )
+    model = settings.get("model")
+    moved = [key for key in model if key in MOVED] if isinstance(model, dict) else []
+    if moved:
+        raise ValueError(moved_message(moved[0], f"--config {path}: "))
+
+
+def check_moved_flags(argv: list[str]) -> None:
+    """No `--model.*` flag of the flat layout before the settings were grouped (`--model.hidden_weight`).
+
+    Raises:
+        ValueError: naming the flag's new key.
+    """
+    for token in argv:
+        key = token.removeprefix("--model.").partition("=")[0]
+        if token.startswith("--model.") and key.partition(".")[0] in MOVED:
+            raise ValueError(moved_message(key, "--"))

@@ -55,7 +55,7 @@ def _keys(prefix: str, init) -> list[str]:
 
 
 def suggestion(message: str) -> str | None:
-    """`did you mean --model.hidden_loss.kind?` for the first unknown dotted key a parser message names."""
+    """`did you mean --model.objective.hidden_loss.kind?` for the first unknown dotted key a parser message names."""
     names = re.findall(r"(?:--|')([a-z_]+(?:\.[a-z_0-9]+)+)", message)
     keys = known_keys()
     for name in names:

@@ -12,7 +12,7 @@ import warnings
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from oprd.cli import preflight, resume
+from oprd.cli import arguments, preflight, resume
 from oprd.cli.links import calibrate_on_training_prompts
 from oprd.data import PromptDataModule
 from oprd.evaluation.predictions import output_path
@@ -48,6 +48,8 @@ class OprdCLI(LightningCLI):
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
 
     def parse_arguments(self, parser, args) -> None:
+        if args is None or isinstance(args, list):  # `oprd compare`'s runs give theirs; the command line otherwise
+            arguments.check_config_files(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand is not None:

@@ -40,7 +40,6 @@ def main(args: list[str] | None = None) -> None:
         if command == "compare":
             compare_main(argv[1:])
             return
-        arguments.check_config_files(argv)
         # A short usage line: the options follow, oprd's (model, data) first, each with its description.
         usage = "%(prog)s [--config CONFIG.yaml ...] [--model.* / --data.* / --trainer.* options]"
         parser_kwargs = {sub: {"exit_on_error": False, "usage": usage} for sub in SUBCOMMANDS}

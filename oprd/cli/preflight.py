@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from oprd.data import NO_HELDOUT, PromptDataModule, check_sources, format_prompts, heldout_source, load_prompts
-from oprd.hparams import from_plain, to_plain, typed_model_args
+from oprd.hparams import MOVED, from_plain, moved_message, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
 from oprd.models.tokenizers import pair_tokenizer
 from oprd.module import DistillModule
@@ -27,11 +27,18 @@ from oprd.training.checkpoint import load_checkpoint
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 """`--ckpt_path` values Lightning resolves itself (`last`: the newest `last*.ckpt` in the checkpoint folder)."""
-FIXED_BY_CHECKPOINT = ("teacher", "student", "tokenizer", "layer_map", "projector", "bridge")
+FIXED_BY_CHECKPOINT = (
+    "teacher",
+    "student",
+    "tokenizer",
+    "objective.layer_map",
+    "objective.projector",
+    "objective.bridge",
+)
 """Model settings a checkpoint fixes (its weights only fit them); every other model setting is the run's own."""
 STATEFUL_SETTINGS = {
-    ("hidden_loss", "kind", "standardized_mse"): "the teacher's running moments",
-    ("hidden_loss", "layer_weights", "learned"): "the learned layer weights",
+    ("objective.hidden_loss.kind", "standardized_mse"): "the teacher's running moments",
+    ("objective.hidden_loss.layer_weights", "learned"): "the learned layer weights",
 }
 """Settings whose state is saved in a checkpoint: a run from it must keep them (or the state would not load)."""
 
@@ -48,7 +55,13 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
             f"{Path(ckpt_path) / (found[0] if found else 'last.ckpt')}, or --ckpt_path last for the newest one in "
             "--checkpoint.dirpath."
         )
-    load_checkpoint(ckpt_path)
+    moved = [key for key in load_checkpoint(ckpt_path)["hyper_parameters"] if key in MOVED]
+    if moved:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was written by an earlier oprd, whose model settings were not grouped "
+            f"({moved_message(moved[0], '')}). Resume or evaluate it with the version that wrote it; `oprd export` "
+            "still reads its student."
+        )
 
 
 def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_path: str) -> list[str]:
@@ -65,25 +78,40 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
         ValueError: a fixed setting the run sets explicitly to another value than the checkpoint's, naming both.
     """
     check_stateful_settings(given, saved, ckpt_path)
-    defaults = inspect.signature(DistillModule.__init__).parameters
     taken = []
     for key in FIXED_BY_CHECKPOINT:
-        if key not in saved or _canonical(key, given.get(key)) == _canonical(key, saved[key]):
+        was, now = _get(saved, key), _get(given, key)
+        if was is None or _canonical(key, now) == _canonical(key, was):
             continue
-        if _chosen_by_the_checkpoint(given.get(key), saved[key]):
+        if _chosen_by_the_checkpoint(now, was):
             taken.append(key)  # its layers were chosen by importance when the checkpoint's run started
             continue
-        default = defaults[key].default
-        if default is not inspect.Parameter.empty and _canonical(key, given.get(key)) == _canonical(key, default):
+        if _canonical(key, now) == _canonical(key, _default(key)):
             taken.append(key)  # not set by this run: the checkpoint's own
             continue
         raise ValueError(
-            f"--ckpt_path {ckpt_path} was trained with model.{key} = {_show(saved[key])}, but this run sets "
-            f"{_show(given.get(key))}. A checkpoint fixes the models, the tokenizer, the layer map and the projectors "
-            f"(its weights fit only those): drop --model.{key} (or that line of the config), or use a checkpoint "
-            "trained with it."
+            f"--ckpt_path {ckpt_path} was trained with model.{key} = {_show(was)}, but this run sets {_show(now)}. A "
+            "checkpoint fixes the models, the tokenizer, the layer map and the projectors (its weights fit only "
+            f"those): drop --model.{key} (or that line of the config), or use a checkpoint trained with it."
         )
     return taken
+
+
+def _get(settings: dict[str, Any] | None, key: str) -> Any:
+    """`settings["objective"]["layer_map"]` for `objective.layer_map` (None where a level is missing)."""
+    for part in key.split("."):
+        settings = to_plain(settings)
+        if not isinstance(settings, dict):
+            return None
+        settings = settings.get(part)
+    return to_plain(settings)
+
+
+def _default(key: str) -> Any:
+    """The `DistillModule` default of a (dotted) model setting."""
+    head, _, rest = key.partition(".")
+    default = inspect.signature(DistillModule.__init__).parameters[head].default
+    return None if default is inspect.Parameter.empty else _get({head: default}, key)
 
 
 def _chosen_by_the_checkpoint(given: Any, saved: Any) -> bool:
@@ -105,15 +133,14 @@ def check_stateful_settings(given: dict[str, Any], saved: dict[str, Any], ckpt_p
     Raises:
         ValueError: naming the flag and the checkpoint's value of it.
     """
-    for (section, name, value), state in STATEFUL_SETTINGS.items():
-        was = (to_plain(saved.get(section)) or {}).get(name)
-        now = (to_plain(given.get(section)) or {}).get(name)
+    for (key, value), state in STATEFUL_SETTINGS.items():
+        was, now = _get(saved, key), _get(given, key)
         if was is None or now is None or (was == value) == (now == value):
             continue
-        flag = f"--model.{section}.{name}"
+        flag = f"--model.{key}"
         fix = f"{flag} {was}" if was == value else f"{flag} {was} (the checkpoint's)"
         raise ValueError(
-            f"--ckpt_path {ckpt_path} was trained with model.{section}.{name} = {was!r}, and this run sets {now!r}: "
+            f"--ckpt_path {ckpt_path} was trained with model.{key} = {was!r}, and this run sets {now!r}: "
             f"{state} of {value!r} cannot be carried over. Set {fix}, or start a fresh run without --ckpt_path."
         )
 
@@ -145,7 +172,7 @@ def check_config(subcommand: str, config) -> None:
     train = data["train"] if subcommand == "fit" else None
     check_sources(train, data["val"], seed=data["seed"], num_val=data["num_val"])
     check_trainer(config.trainer)
-    check_devices(config.trainer.accelerator, model.get("teacher_device"))
+    check_devices(config.trainer.accelerator, model["teacher_placement"].device)
     if model["rollout"].engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ImportError(NO_VLLM)
     if subcommand == "fit":
@@ -189,7 +216,7 @@ def check_devices(accelerator, teacher_device: str | None) -> None:
     if index >= count:
         seen = f"PyTorch sees {count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "PyTorch sees no CUDA GPU"
         raise ValueError(
-            f"--model.teacher_device {teacher_device}: {seen}. Drop --model.teacher_device (the teacher then shares "
+            f"--model.teacher_placement.device {teacher_device}: {seen}. Drop it (the teacher then shares "
             "the student's device), or name a device that exists."
         )
 

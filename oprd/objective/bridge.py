@@ -51,19 +51,19 @@ class BridgeConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"bridge.rank must be >= 1 (the paper's best is 8), got {self.rank}.")
+            raise ValueError(f"rank must be >= 1 (the paper's best is 8), got {self.rank}.")
         if self.rows < 2 or self.batches < 1:
-            raise ValueError(f"bridge.rows must be >= 2 and bridge.batches >= 1, got {self.rows}, {self.batches}.")
+            raise ValueError(f"rows must be >= 2 and batches >= 1, got {self.rows}, {self.batches}.")
         if not 0 < self.holdout < 1:
-            raise ValueError(f"bridge.holdout must lie in (0, 1), got {self.holdout}.")
+            raise ValueError(f"holdout must lie in (0, 1), got {self.holdout}.")
 
 
 def check_rank(config: BridgeConfig, teacher_width: int) -> None:
     """The rank must fit the teacher's width (checked before any weight loads)."""
     if config.rank > teacher_width:
         raise ValueError(
-            f"bridge.rank = {config.rank} exceeds the teacher's width {teacher_width}: choose 1..{teacher_width} "
-            "(the paper's best is 8)."
+            f"model.objective.bridge.rank = {config.rank} exceeds the teacher's width {teacher_width}: choose "
+            f"1..{teacher_width} (the paper's best is 8)."
         )
 
 

@@ -14,6 +14,7 @@ that from the config), and returns a `LossTerms` of token sums that knows its ow
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,16 +57,44 @@ def with_model_logit_transforms(config: TokenLossConfig | None, model_config) ->
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """What the student is trained against (see `Objective`): the `DistillModule` settings of the same names."""
+    """What the student is trained against (`model.objective`; see `Objective`)."""
 
     layer_map: LayerMapSpec = "uniform"
+    """`uniform`, `all`, `last`, `norm`, `pruned`, or explicit `[[student, teacher], ...]` pairs."""
     projector: Projector = "linear"
+    """`linear` (a trained `Linear(d_S, d_T)` per pair, identity for equal widths), `bridge` (OPRD-Bridge: a frozen
+    rank-r PCA basis of the teacher's states, calibrated; for different widths) or `select` (no parameters: each
+    student channel against the teacher channel it matches best, calibrated; for a student no wider than its
+    teacher, e.g. a width-pruned copy)."""
     bridge: BridgeConfig = BridgeConfig()
+    """The Bridge's rank and calibration (its `rows`, `batches` and `holdout` also calibrate `select`)."""
     hidden_loss: HiddenLossConfig = HiddenLossConfig()
+    """How hidden states are compared."""
     hidden_weight: float = 1.0
+    """mu, the weight of the hidden-state term (0 turns it off: pure token-space distillation)."""
     token_loss: TokenLossConfig | None = None
+    """The token-space (logit) term on the same rollout and teacher pass; None turns it off."""
     token_weight: float = 1.0
+    """The weight of the token-space term."""
     balance: bool = False
+    """Rescale the hidden term to the token term's magnitude (a detached ratio) before weighting."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_weight", "token_weight"):
+            value = getattr(self, name)
+            # Written so that NaN fails too (YAML reads `.nan` and `.inf` as floats); a NaN weight makes every loss NaN.
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+        if self.hidden_weight == 0 and self.token_loss is None:
+            raise ValueError(
+                "hidden_weight 0 with no token_loss leaves nothing to optimise: set hidden_weight > 0, or a "
+                "token_loss (e.g. --config opd.yaml)."
+            )
+        if self.balance and self.token_loss is None:
+            raise ValueError(
+                "balance true rescales the hidden term to the token term, and there is no token term: set "
+                "model.objective.token_loss (e.g. {objective: reverse_kl}), or drop model.objective.balance."
+            )
 
 
 @dataclass(frozen=True)
@@ -168,7 +197,7 @@ class Objective(nn.Module):
     ) -> None:
         super().__init__()
         if hidden_weight <= 0 and token_loss is None:
-            raise ValueError("Nothing to optimise: set hidden_weight > 0, or a token_loss (e.g. --config opd.yaml).")
+            raise ValueError("Nothing to optimise: set hidden_weight > 0, or a token_loss.")
         # Held-out scoring reads both LM heads whatever the objective: each must be reproducible from its final state.
         check_head_reproducible(student_config)
         check_head_reproducible(teacher_config)

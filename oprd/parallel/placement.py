@@ -3,22 +3,22 @@
 The teacher's dtype is `model.teacher.dtype` (`bfloat16` / `float16` halve its memory; hidden states are compared in
 float32 whatever the dtype). Its placement is one of:
 
-========================  =======================================================================================
-option                    teacher memory on the student's device (P teacher parameters, B bytes per parameter)
-========================  =======================================================================================
-default                   P x B for the whole run.
-`teacher_device: cuda:1`  none: the teacher runs on its own device; each step moves the sequences there and the
-                          captured states (`[b, t, d_T]` per mapped layer) back. A token-space term also copies
-                          the teacher's LM head (`V x d_T x B`) to the student's device once.
-`offload_teacher: true`   none between passes; P x B while the teacher pass runs (its weights are copied in, then
-                          dropped), so the teacher never coexists with the student's activations and gradients,
-                          which peak in the student pass. Costs one host-to-device copy of P x B per step (and
-                          its LM head again when a token-space term needs it).
-`shard_teacher: true`     P x B / world size at rest, plus one decoder layer gathered at a time during its pass
-                          (FSDP2, see `oprd.parallel.sharding`); needs 2+ processes.
-`remote_teacher: {...}`   none in the trainer's process: replicas on Ray actors (`oprd.parallel.remote`) send the
-                          states back; a token-space term keeps only the teacher's LM head (`V x d_T x B`).
-========================  =======================================================================================
+=========================  ======================================================================================
+`model.teacher_placement`  teacher memory on the student's device (P teacher parameters, B bytes per parameter)
+=========================  ======================================================================================
+default                    P x B for the whole run.
+`device: cuda:1`           none: the teacher runs on its own device; each step moves the sequences there and the
+                           captured states (`[b, t, d_T]` per mapped layer) back. A token-space term also copies
+                           the teacher's LM head (`V x d_T x B`) to the student's device once.
+`offload: true`            none between passes; P x B while the teacher pass runs (its weights are copied in, then
+                           dropped), so the teacher never coexists with the student's activations and gradients,
+                           which peak in the student pass. Costs one host-to-device copy of P x B per step (and
+                           its LM head again when a token-space term needs it).
+`shard: true`              P x B / world size at rest, plus one decoder layer gathered at a time during its pass
+                           (FSDP2, see `oprd.parallel.sharding`); needs 2+ processes.
+`remote: {...}`            none in the trainer's process: replicas on Ray actors (`oprd.parallel.remote`) send the
+                           states back; a token-space term keeps only the teacher's LM head (`V x d_T x B`).
+=========================  ======================================================================================
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from oprd.rollout.sampling import Rollout, RolloutConfig
 
 @dataclass(frozen=True)
 class TeacherPlacement:
-    """Teacher placement: a fixed device, CPU offload between passes, sharded over all processes, or replicas on a
-    Ray cluster (one of them)."""
+    """Where the teacher runs (`model.teacher_placement`): a fixed device, CPU offload between passes, sharded over
+    all processes, or replicas on a Ray cluster (one of them). The memory cost of each: this module's docstring."""
 
     device: str | None = None
     """Device of the teacher (`cuda:1`, `cpu`); None: the student's device."""
@@ -54,18 +54,13 @@ class TeacherPlacement:
 
     def __post_init__(self) -> None:
         if self.remote is not None and (self.device is not None or self.offload or self.shard):
-            raise ValueError(
-                "`remote_teacher` runs the teacher outside the trainer: drop teacher_device/offload_teacher/"
-                "shard_teacher."
-            )
+            raise ValueError("remote runs the teacher outside the trainer: drop device, offload and shard.")
         if self.shard and (self.device is not None or self.offload):
-            raise ValueError(
-                "`shard_teacher` spreads the teacher over all devices: drop teacher_device/offload_teacher."
-            )
+            raise ValueError("shard spreads the teacher over all devices: drop device and offload.")
         if self.device is not None and self.offload:
             raise ValueError(
-                "Give `teacher_device` or `offload_teacher`, not both: offloading moves the teacher to "
-                "the student's device for each pass."
+                "device and offload exclude each other (offloading moves the teacher to the student's device for "
+                "each pass): give one."
             )
         if self.device is not None:
             torch.device(self.device)  # a malformed device string fails at start-up, not at the first step

@@ -77,13 +77,13 @@ class RemoteTeacherConfig:
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
-            raise ValueError(f"remote_teacher.replicas must be >= 1, got {self.replicas}.")
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}.")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"remote_teacher.threads must be >= 1, got {self.threads}.")
+            raise ValueError(f"threads must be >= 1, got {self.threads}.")
         if self.address != "auto":
             host_port(self.address)  # a malformed address is named before any model loads
         if self.timeout_s <= 0:
-            raise ValueError(f"remote_teacher.timeout_s must be > 0, got {self.timeout_s}.")
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}.")
 
 
 class TeacherUnavailable(ConnectionError):
@@ -188,7 +188,8 @@ def _ray():
         import ray
     except ImportError as err:
         raise ImportError(
-            "A remote teacher (model.remote_teacher) runs on Ray, which is not installed: pip install 'oprd[ray]'."
+            "A remote teacher (model.teacher_placement.remote) runs on Ray, which is not installed: pip install "
+            "'oprd[ray]'."
         ) from err
     return ray
 
@@ -225,7 +226,8 @@ def host_port(address: str) -> tuple[str, int]:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(
-            f"remote_teacher.address {address!r} is not `auto`, `host:port` or `ray://host:port` (e.g. 10.0.0.5:6379)."
+            f"model.teacher_placement.remote.address {address!r} is not `auto`, `host:port` or `ray://host:port` "
+            "(e.g. 10.0.0.5:6379)."
         )
     return host, int(port)
 
@@ -240,8 +242,8 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def _unreachable(address: str, why: str) -> TeacherUnavailable:
     return TeacherUnavailable(
-        f"Cannot reach the Ray cluster at remote_teacher.address {address!r} ({why}): start it there (`ray start "
-        "--head`) or give its address, or `auto` for a cluster on this machine."
+        f"Cannot reach the Ray cluster at model.teacher_placement.remote.address {address!r} ({why}): start it there "
+        "(`ray start --head`) or give its address, or `auto` for a cluster on this machine."
     )
 
 
@@ -283,7 +285,7 @@ class RemoteTeacher:
                 raise ValueError(
                     f"Teacher replica {name!r} at {self.address!r} serves another model (fingerprint "
                     f"{identity['fingerprint']}, this run's teacher {self.expected}): stop it (ray.kill) or give this "
-                    "run another model.remote_teacher.name."
+                    "run another model.teacher_placement.remote.name."
                 )
         digests = {identity["weights"] for identity in described}
         if len(digests) > 1:

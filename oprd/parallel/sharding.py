@@ -7,7 +7,7 @@
 * **FSDP2** (`--trainer.strategy fsdp2`, i.e. `FSDP2Strategy`): Lightning's `ModelParallelStrategy` with every
   process in one data-parallel group and single-file checkpoints. `configure_sharding` (called from
   `DistillModule.configure_model`) shards each decoder layer and then the whole student (`shard_model`), and the
-  projectors; with `shard_teacher: true` the
+  projectors; with `teacher_placement.shard: true` the
   teacher too (under DDP as well: a DDP student with an FSDP2 teacher). Sharded models run whole forward passes
   (`oprd.models.capture.full_forward_states`): hook-based early exit would skip FSDP's post-forward hooks.
   Generation passes `synced_gpus=True` (a rank that stops sampling early would otherwise leave the others waiting in
@@ -122,7 +122,7 @@ def configure_sharding(
     """
     sharded = isinstance(strategy, ModelParallelStrategy)
     if shard_teacher and strategy.world_size == 1:
-        rank_zero_warn("`shard_teacher` needs 2+ processes; the teacher stays whole.")
+        rank_zero_warn("`teacher_placement.shard` needs 2+ processes; the teacher stays whole.")
     if is_sharded(student) or not (sharded or (shard_teacher and strategy.world_size > 1)):
         return
     mesh = data_parallel_mesh(strategy, strategy.root_device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +57,23 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, step: int | None = None, what: str | None = None) -> None:
         super().__init__(message)
         self.step, self.what = step, what
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What a run does when a loss or gradient is NaN or infinite (`model.guard`; see `NonFiniteGuard`)."""
+
+    nonfinite: NonFinite = "stop"
+    """`stop` (saving the last good state first) or `skip` the step."""
+    max_skips: int = 5
+    """With `nonfinite: skip`, stop after this many skipped steps in a row."""
+    keep_last_good: bool = True
+    """Copy the trainable weights to CPU memory after each finite step, so that a stop saves the last weights that
+    gave a finite loss."""
+
+    def __post_init__(self) -> None:
+        if self.max_skips < 1:
+            raise ValueError(f"max_skips must be >= 1, got {self.max_skips}.")
 
 
 class NonFiniteGuard:
@@ -133,7 +151,7 @@ class NonFiniteGuard:
         why = f"Step {step}: {what}"
         if self.mode == "skip":
             why += (
-                f"; {self.max_skips} steps in a row were not finite (model.nonfinite_max_skips): the weights no longer "
+                f"; {self.max_skips} steps in a row were not finite (model.guard.max_skips): the weights no longer "
                 "give finite losses"
             )
         saved = "the last weights whose loss and gradients were finite"
@@ -154,7 +172,7 @@ class NonFiniteGuard:
         trainer.save_checkpoint(path, weights_only=False)
         raise NonFiniteError(
             f"{why}. Saved {saved} to {path}. Lower the learning rate (--model.optim.lr) and resume from it with "
-            "--ckpt_path, or set `model.nonfinite: skip` to skip such steps.",
+            "--ckpt_path, or set `model.guard.nonfinite: skip` to skip such steps.",
             step,
             what,
         )

@@ -17,7 +17,9 @@ from tests.conftest import ROOT
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "benchmarks/objectives").glob("*.yaml"))
 # Objective fragments hold no models: they compose with a model config.
 FRAGMENTS = [p for p in CONFIGS if "teacher:" not in p.read_text()]
-TOKEN_FRAGMENTS = [p for p in FRAGMENTS if (yaml.safe_load(p.read_text())["model"].get("token_loss"))]
+TOKEN_FRAGMENTS = [
+    p for p in FRAGMENTS if yaml.safe_load(p.read_text())["model"].get("objective", {}).get("token_loss")
+]
 OPRD = Path(sys.executable).parent / "oprd"
 
 
@@ -127,7 +129,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(wandb_offline):
     assert len(val) == 1 and val[0]["val/accuracy"] == float(csv_val["val/accuracy"])
     assert val[0]["val/reverse_kl"] == float(csv_val["val/reverse_kl"]) > 0
     config = wandb_reader.config(run_dir)
-    assert config["layer_map"] == "uniform" and config["rollout"]["max_new_tokens"] == 16
+    assert config["objective"]["layer_map"] == "uniform" and config["rollout"]["max_new_tokens"] == 16
 
 
 @pytest.mark.parametrize("fragment", TOKEN_FRAGMENTS, ids=lambda p: p.name)
@@ -157,16 +159,17 @@ def test_objective_fragments_train_and_log_token_kl(fragment, tmp_path):
     rows = list(csv.DictReader(metrics_file.open()))
     kl = [float(r["train/token_kl"]) for r in rows if r.get("train/token_kl")]
     assert len(kl) == 3 and all(math.isfinite(v) for v in kl)
-    wanted = yaml.safe_load(fragment.read_text())["model"]["token_loss"]
+    objective = yaml.safe_load(fragment.read_text())["model"]["objective"]
+    wanted = objective["token_loss"]
     if wanted["estimator"] == "exact":  # an exact KL between two different random models is strictly positive
         assert min(kl) > 0
     assert float(next(r["val/reverse_kl"] for r in rows if r.get("val/reverse_kl"))) > 0
     hidden = [float(r["train/hidden"]) for r in rows if r.get("train/hidden")]
-    has_hidden = yaml.safe_load(fragment.read_text())["model"].get("hidden_weight", 1.0) > 0
+    has_hidden = objective.get("hidden_weight", 1.0) > 0
     assert (max(hidden) > 0) == has_hidden
     # The fragment's objective is the one that ran, and it trained the student.
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert wanted.items() <= checkpoint["hyper_parameters"]["token_loss"].items()
+    assert wanted.items() <= checkpoint["hyper_parameters"]["objective"]["token_loss"].items()
     spec = ModelSpec(**checkpoint["hyper_parameters"]["student"])
     fresh = load_model(spec, load_config(spec, 384)).state_dict()
     trained = {k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}

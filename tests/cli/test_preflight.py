@@ -147,7 +147,7 @@ def inputs(tmp_path, monkeypatch):
     lines = [json.dumps({"prompt": f"What is {i} plus 1?", "answer": str(i + 1)}) for i in range(8)]
     (tmp_path / "no-response.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "inf-lr.yaml").write_text("model:\n  optim: {lr: .inf}\n")
-    (tmp_path / "nan-weight.yaml").write_text("model:\n  hidden_weight: .nan\n")
+    (tmp_path / "nan-weight.yaml").write_text("model:\n  objective: {hidden_weight: .nan}\n")
     (tmp_path / "nan-temperature.yaml").write_text("model:\n  rollout: {temperature: .nan}\n")
     (tmp_path / "inf-temperature.yaml").write_text("model:\n  rollout: {temperature: .inf}\n")
     (tmp_path / "checkpoints").mkdir()
@@ -169,11 +169,24 @@ def inputs(tmp_path, monkeypatch):
         (["--trainer.max_steps", "-5"], "--trainer.max_steps must be .* or -1 for no limit, got -5"),
         (["--trainer.max_epochs", "-3"], "--trainer.max_epochs must be .* or -1 for no limit, got -3"),
         (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be >= 1"),
-        (["--config", "{tmp}/nan-weight.yaml"], "model.hidden_weight must be >= 0 and finite, got nan"),
+        (["--config", "{tmp}/nan-weight.yaml"], "model.objective.hidden_weight must be >= 0 and finite, got nan"),
         (["--config", "{tmp}/nan-temperature.yaml"], "model.rollout.temperature must be > 0 and finite"),
         (["--config", "{tmp}/inf-temperature.yaml"], "model.rollout.temperature must be > 0 and finite"),
         # Settings that contradict each other.
-        (["--model.balance", "true"], "model.balance: true .* there is no token term: set model.token_loss"),
+        (
+            ["--model.objective.balance", "true"],
+            "model.objective.balance true .* there is no token term: set model.objective.token_loss",
+        ),
+        (
+            ["--model.objective.hidden_weight", "0"],
+            "model.objective.hidden_weight 0 with no token_loss leaves nothing to optimise",
+        ),
+        (["--model.eval.max_new_tokens", "0"], "model.eval.max_new_tokens must be >= 1"),
+        (["--model.guard.max_skips", "0"], "model.guard.max_skips must be >= 1, got 0"),
+        (
+            ["--model.teacher_placement.shard", "true", "--model.teacher_placement.offload", "true"],
+            "model.teacher_placement.shard spreads the teacher over all devices: drop device and offload",
+        ),
         (
             ["--model.rollout.do_sample", "false", "--model.rollout.num_generations", "3"],
             "model.rollout.num_generations must be 1 with do_sample: false",
@@ -192,7 +205,10 @@ def inputs(tmp_path, monkeypatch):
         (["--model.optim.lr", "-1e-3"], "model.optim.lr must be > 0, got -0.001"),
         (["--model.optim.lr", "abc"], "--model.optim.lr expects a float, got 'abc'"),
         (["--model.optim.lr", "nan"], "--model.optim.lr must be a finite number, got nan"),
-        (["--model.hidden_weight", "nan"], "--model.hidden_weight must be a finite number, got nan"),
+        (
+            ["--model.objective.hidden_weight", "nan"],
+            "--model.objective.hidden_weight must be a finite number, got nan",
+        ),
         (["--model.optim.projector_lr", "fast"], "--model.optim.projector_lr expects a float or null, got 'fast'"),
         (["--model.optim.schedule", "linear"], "--model.optim.schedule expects one of cosine, constant"),
         (["--ckpt_path", "{tmp}/checkpoints"], "--ckpt_path {tmp}/checkpoints is a folder .* holds last.ckpt"),
@@ -205,8 +221,8 @@ def test_bad_input_is_named_in_one_line_before_any_model_loads(flags, message, i
 
 def test_a_teacher_device_that_does_not_exist_is_refused(capsys, inputs, no_weight_loading):
     device = f"cuda:{max(torch.cuda.device_count(), 1)}"  # one past the last GPU, with or without CUDA
-    line = fit_fails(capsys, "--model.teacher_device", device)
-    assert f"--model.teacher_device {device}: PyTorch sees" in line and "Drop --model.teacher_device" in line
+    line = fit_fails(capsys, "--model.teacher_placement.device", device)
+    assert f"--model.teacher_placement.device {device}: PyTorch sees" in line and "Drop it" in line
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the message shown without vLLM")
@@ -217,8 +233,8 @@ def test_the_vllm_engine_without_vllm_is_refused(capsys, inputs, no_weight_loadi
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model:\n  hidden_weight: 2.0\nmodel:\n  token_weight: 1.0\n", ":3:1: 'model' is given twice .* line 1"),
-        ("model:\n  optim: {lr: 1e-3\n  hidden_weight: 1\n", r":3:16: expected ',' or '}'"),
+        ("model:\n  seed: 2\nmodel:\n  tokenizer: tiny\n", ":3:1: 'model' is given twice .* line 1"),
+        ("model:\n  optim: {lr: 1e-3\n  seed: 1\n", r":3:7: expected ',' or '}'"),
         ("", " is empty: write settings by section"),
         ("hello\n", r" holds a str \('hello'\), not settings"),
         ("import os\nx = {'a': [1, 2}\n", ":2:"),  # a Python file given by mistake
@@ -234,7 +250,34 @@ def test_a_config_file_that_is_not_settings_is_named_with_its_line(text, message
 def test_a_checkpoint_with_running_statistics_needs_its_hidden_loss(inputs, capsys, no_weight_loading):
     # standardized_mse keeps the teacher's running moments in the checkpoint; a run with another loss cannot take them.
     ckpt = inputs / "standardized.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"hidden_loss": {"kind": "standardized_mse"}}}, ckpt)
+    hparams = {"objective": {"hidden_loss": {"kind": "standardized_mse"}}}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, ckpt)
     line = fit_fails(capsys, "--ckpt_path", str(ckpt))
-    assert "model.hidden_loss.kind = 'standardized_mse', and this run sets 'mse'" in line
-    assert "Set --model.hidden_loss.kind standardized_mse" in line
+    assert "model.objective.hidden_loss.kind = 'standardized_mse', and this run sets 'mse'" in line
+    assert "Set --model.objective.hidden_loss.kind standardized_mse" in line
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (
+            "flag",
+            "--model.hidden_loss.kind is now --model.objective.hidden_loss.kind: the model's settings are grouped",
+        ),
+        ("config", "--config {config}: model.val_max_new_tokens is now model.eval.max_new_tokens"),
+        ("checkpoint", "--ckpt_path {ckpt} was written by an earlier oprd, whose model settings were not grouped"),
+    ],
+)
+def test_a_setting_of_the_flat_layout_is_named_with_its_new_key(where, message, inputs, capsys, no_weight_loading):
+    config, ckpt = inputs / "flat.yaml", inputs / "flat.ckpt"
+    config.write_text("model:\n  val_max_new_tokens: 8\n")
+    torch.save({"state_dict": {}, "hyper_parameters": {"shard_teacher": False, "teacher": {}}}, ckpt)
+    flags = {
+        "flag": ["--model.hidden_loss.kind", "cosine"],
+        "config": ["--config", str(config)],
+        "checkpoint": ["--ckpt_path", str(ckpt)],
+    }[where]
+    line = fit_fails(capsys, *flags)
+    assert message.format(config=config, ckpt=ckpt) in line
+    if where == "checkpoint":
+        assert "model.shard_teacher is now model.teacher_placement.shard" in line

@@ -443,7 +443,7 @@ def test_a_diverging_rate_is_recorded_with_its_step_and_the_comparison_goes_on(t
 def test_two_objectives_of_one_name_or_a_rate_given_twice_are_refused(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "obj.yaml").write_text("model:\n  hidden_weight: 1.0\n")
+        (tmp_path / folder / "obj.yaml").write_text("model:\n  objective: {hidden_weight: 1.0}\n")
     a, b = str(tmp_path / "a/obj.yaml"), str(tmp_path / "b/obj.yaml")
     with pytest.raises(ValueError, match=r"--objectives .*a/obj.yaml and .*b/obj.yaml are all named 'obj'"):
         CompareSettings(configs=["x.yaml"], objectives=[a, b])

@@ -71,7 +71,7 @@ def test_choose_depth_drops_the_idle_layers_and_the_student_keeps_the_rest(idle_
 
 def test_a_module_saves_the_layers_it_chose(idle_folder):
     spec = ModelSpec(path=str(idle_folder), depth=DepthPrune(num_layers=3, calibration_prompts=4))
-    module = make_module(teacher=ModelSpec(path=str(idle_folder)), student=spec, layer_map="pruned")
+    module = make_module(teacher=ModelSpec(path=str(idle_folder)), student=spec, objective={"layer_map": "pruned"})
     assert module.hparams["student"]["keep_layers"] == [0, 2, 4]
     assert len(module.student.model.layers) == 3
     assert module.objective.pairs == [(0, 1), (1, 3), (2, 4)]  # `pruned`: where each kept layer's stream resumes

@@ -88,13 +88,13 @@ def test_bad_widths_are_refused_with_the_valid_choice():
 def test_a_width_pruned_student_distils_through_linear_projectors(tmp_path):
     narrow = WidthPrune(hidden_size=48, num_attention_heads=2, intermediate_size=96)
     student = ModelSpec(config=TEACHER, seed=1, width=narrow, keep_every=2)  # the teacher, narrower and shallower
-    module = make_module(student=student, layer_map="pruned")
+    module = make_module(student=student, objective={"layer_map": "pruned"})
     assert module.student.config.hidden_size == 48 and module.student.config.num_hidden_layers == 2
     assert load_config(student, 384).hidden_size == 48  # known before any weight loads
     assert module.objective.projectors.proj["0_1"].weight.shape == (64, 48)
     trainer(tmp_path, max_steps=2).fit(module, PromptDataModule(batch_size=2))
     rebuilt = load_model(student, load_config(student, 384), module.pair.tokenizer)  # the same choice every time
-    fresh = make_module(student=student, layer_map="pruned").student
+    fresh = make_module(student=student, objective={"layer_map": "pruned"}).student
     assert torch.equal(rebuilt.model.embed_tokens.weight, fresh.model.embed_tokens.weight)
 
 

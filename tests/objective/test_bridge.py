@@ -13,14 +13,14 @@ from oprd.cli import main
 from oprd.compare.probe import CompareProbe
 from oprd.data import PromptDataModule, arithmetic_examples
 from oprd.evaluation.report import DistillReport
-from oprd.losses.hidden import HiddenLossConfig
 from oprd.models import ModelSpec
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, pca
 from tests.conftest import ROOT, TEACHER, make_module, trainer
 
 TINY = str(ROOT / "configs/tiny.yaml")
-BRIDGE = ("--model.projector", "bridge", "--model.bridge.rank", "4", "--model.bridge.batches", "2",
-          "--model.hidden_loss.kind", "normalized_mse", "--model.hidden_weight", "10")  # fmt: skip
+BRIDGE = ("--model.objective.projector", "bridge", "--model.objective.bridge.rank", "4",
+          "--model.objective.bridge.batches", "2", "--model.objective.hidden_loss.kind", "normalized_mse",
+          "--model.objective.hidden_weight", "10")  # fmt: skip
 
 
 def test_the_teacher_basis_is_the_top_eigenvectors_of_the_centred_covariance():
@@ -51,10 +51,10 @@ def test_the_calibrated_student_projector_aligns_a_linear_pair():
 
 
 def test_invalid_ranks_are_refused_before_any_model_loads(no_weight_loading):
-    with pytest.raises(ValueError, match=r"bridge.rank = 65 exceeds the teacher's width 64: choose 1..64"):
-        make_module(projector="bridge", bridge=BridgeConfig(rank=65))
-    with pytest.raises(ValueError, match="bridge.rank must be >= 1"):
-        make_module(projector="bridge", bridge={"rank": 0})
+    with pytest.raises(ValueError, match=r"model.objective.bridge.rank = 65 exceeds the teacher's width 64: choose"):
+        make_module(objective={"projector": "bridge", "bridge": BridgeConfig(rank=65)})
+    with pytest.raises(ValueError, match="model.objective.bridge.rank must be >= 1"):
+        make_module(objective={"projector": "bridge", "bridge": {"rank": 0}})
 
 
 def _fit(root: Path, steps: int, *flags: str) -> list[str]:
@@ -88,7 +88,7 @@ def test_calibration_runs_in_fit_is_checkpointed_and_a_resume_logs_the_same_loss
 
 def test_the_bridge_trains_a_narrower_student():
     student = ModelSpec(config={**TEACHER, "hidden_size": 32, "num_hidden_layers": 2}, seed=2)
-    module = make_module(student=student, projector="bridge", bridge=BridgeConfig(rank=4, batches=1))
+    module = make_module(student=student, objective={"projector": "bridge", "bridge": BridgeConfig(rank=4, batches=1)})
     assert module.objective.needs_calibration
     assert module.objective.projectors.student["1_3"].weight.shape == (4, 32)
 
@@ -98,8 +98,14 @@ def test_the_probe_and_the_report_score_the_student_with_a_calibrated_bridge_and
     # normalised error exactly 1 whatever the student. What trains is the calibrated Bridge: score that one.
     probe = CompareProbe({"test": arithmetic_examples("val")[:2]}, every=100, batch_size=2)
     report = DistillReport(num_prompts=2, num_samples=0, export_dir=None, batch_size=2)
-    module = make_module(projector="bridge", bridge=BridgeConfig(rank=4, batches=1), hidden_weight=10.0,
-                         hidden_loss=HiddenLossConfig(kind="normalized_mse"))  # fmt: skip
+    bridge = BridgeConfig(rank=4, batches=1)
+    objective = {
+        "projector": "bridge",
+        "bridge": bridge,
+        "hidden_weight": 10.0,
+        "hidden_loss": {"kind": "normalized_mse"},
+    }
+    module = make_module(objective=objective)
     trainer(tmp_path, max_steps=1, callbacks=[probe, report]).fit(module, PromptDataModule(batch_size=2))
     start = probe.rows[0]
     assert start["step"] == 0 and start["cos"] > 0

@@ -52,7 +52,7 @@ def test_unknown_layer_weights_are_refused_with_the_valid_names():
 
 
 def test_statistics_come_from_teacher_states_in_training_only():
-    module = make_module(hidden_loss=HiddenLossConfig(kind="standardized_mse"))
+    module = make_module(objective={"hidden_loss": HiddenLossConfig(kind="standardized_mse")})
     roll = module.distiller.sample(["What is 1 plus 2?", "What is 3 plus 4?"], module.distiller.rollout, seed=0)
     with torch.no_grad():
         module.distiller.distill(roll)  # held-out scoring: no update
@@ -68,7 +68,7 @@ def test_statistics_come_from_teacher_states_in_training_only():
 
 
 def test_statistics_are_checkpointed_and_restored(tmp_path):
-    module = make_module(hidden_loss=HiddenLossConfig(kind="standardized_mse"))
+    module = make_module(objective={"hidden_loss": HiddenLossConfig(kind="standardized_mse")})
     fit = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
     fit.fit(module, PromptDataModule(batch_size=2))
     path = tmp_path / "std.ckpt"
@@ -101,7 +101,7 @@ def test_layer_weightings_equal_their_formulas(mode):
 
 
 def test_learned_layer_weights_train_with_the_projectors(tmp_path):
-    module = make_module(hidden_loss=HiddenLossConfig(layer_weights="learned"))
+    module = make_module(objective={"hidden_loss": HiddenLossConfig(layer_weights="learned")})
     assert any(p is module.objective.layer_weighting.log_variance for p in module.objective.parameters())
     trainer(tmp_path, max_steps=3).fit(module, PromptDataModule(batch_size=2))
     assert not torch.equal(module.objective.layer_weighting.log_variance.detach(), torch.zeros(2))

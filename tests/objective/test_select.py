@@ -58,8 +58,10 @@ def _terms(module):
 def test_a_student_that_is_its_teacher_selects_every_channel_in_place_and_loses_as_identity_projectors(kind):
     same = ModelSpec(config=TEACHER, seed=1)
     loss = HiddenLossConfig(kind=kind)
-    select = make_module(student=same, projector="select", bridge=BridgeConfig(batches=1), hidden_loss=loss)
-    linear = make_module(student=same, hidden_loss=loss)  # identity-initialised Linear at equal widths
+    select = make_module(
+        student=same, objective={"projector": "select", "bridge": BridgeConfig(batches=1), "hidden_loss": loss}
+    )
+    linear = make_module(student=same, objective={"hidden_loss": loss})  # identity-initialised Linear at equal widths
     select.distiller.calibrate(PROMPTS, batch_size=2)
     for label in select.objective.projectors.labels:
         assert select.objective.projectors.channels(label).tolist() == list(range(TEACHER["hidden_size"]))
@@ -70,8 +72,9 @@ def test_a_student_that_is_its_teacher_selects_every_channel_in_place_and_loses_
 
 def test_select_is_calibrated_in_fit_logged_saved_and_not_redone_on_resume(tmp_path, caplog):
     def fit(steps: int, *flags: str) -> list[dict]:
-        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.projector", "select",
-              "--model.bridge.batches", "1", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.objective.projector", "select",
+              "--model.objective.bridge.batches", "1", "--trainer.max_steps", str(steps),
+              "--trainer.limit_val_batches", "0",
               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
               "--trainer.logger.init_args.version", f"v{steps}", "--trainer.enable_progress_bar", "false",
               *flags])  # fmt: skip
@@ -95,4 +98,4 @@ def test_select_is_calibrated_in_fit_logged_saved_and_not_redone_on_resume(tmp_p
 def test_a_wider_student_is_refused_before_any_model_loads(no_weight_loading):
     wide = ModelSpec(config={**TEACHER, "hidden_size": 128}, seed=2)
     with pytest.raises(ValueError, match="projector: select compares each of the student's 128 channels"):
-        make_module(student=wide, projector="select")
+        make_module(student=wide, objective={"projector": "select"})

@@ -99,7 +99,8 @@ def train(
     rows = ReplayRollouts.steps[0].input_ids.shape[0]
     token = {"token_loss": TokenLossConfig(objective="reverse_kl", estimator="exact")} if token_loss else {}
     hidden = HiddenLossConfig(kind=hidden_kind)
-    module = ReplayRollouts(**specs(dtype, shard_teacher=shard_teacher, hidden_loss=hidden, **token))
+    placement = {"shard": shard_teacher}
+    module = ReplayRollouts(**specs(dtype, teacher_placement=placement, objective={"hidden_loss": hidden, **token}))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,

@@ -18,12 +18,12 @@ CUDA = torch.device("cuda", 0)
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exclude each other"):
         TeacherPlacement(device="cpu", offload=True)
     with pytest.raises(RuntimeError):
         TeacherPlacement(device="no-such-device")
-    with pytest.raises(ValueError, match="shard_teacher"):
-        make_module(shard_teacher=True, offload_teacher=True)
+    with pytest.raises(ValueError, match="model.teacher_placement.shard spreads the teacher"):
+        make_module(teacher_placement={"shard": True, "offload": True})
 
 
 def test_where_the_teacher_rests_and_computes():
@@ -50,10 +50,11 @@ def test_offload_moves_the_teacher_in_for_its_pass_and_back_after(monkeypatch):
     assert moves == [CUDA]  # not offloaded: it stays on the device
 
 
-@pytest.mark.parametrize("placement", [{"offload_teacher": True}, {"teacher_device": "cpu"}])
+@pytest.mark.parametrize("placement", [{"offload": True}, {"device": "cpu"}])
 def test_placement_leaves_states_losses_and_gradients_unchanged(placement):
     token = TokenLossConfig(objective="reverse_kl", estimator="exact")
-    plain, placed = make_module(token_loss=token), make_module(token_loss=token, **placement)
+    objective = {"token_loss": token}
+    plain, placed = make_module(objective=objective), make_module(objective=objective, teacher_placement=placement)
     roll = plain.distiller.sample(["What is 1 plus 2?", "Hi"], plain.distiller.rollout, seed=0)
     results = []
     for module in (plain, placed):

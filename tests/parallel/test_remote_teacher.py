@@ -42,8 +42,8 @@ def remote(replicas: int = 2, **kwargs) -> RemoteTeacherConfig:
 
 
 def test_remote_states_heads_and_samples_equal_the_in_process_teacher():
-    local = make_module(token_loss=TOKEN)
-    away = make_module(token_loss=TOKEN, remote_teacher=remote())
+    local = make_module(objective={"token_loss": TOKEN})
+    away = make_module(objective={"token_loss": TOKEN}, teacher_placement={"remote": remote()})
     assert away.pair.remote and away.pair.frozen_teacher.model is None  # no teacher module in this process
     roll = local.pair.sample(PROMPTS, RolloutConfig(max_new_tokens=8), seed=3)
     points = local.objective.points("teacher", True)
@@ -65,7 +65,8 @@ def test_remote_states_heads_and_samples_equal_the_in_process_teacher():
 
 def test_with_a_calibrated_bridge_a_replica_sends_the_bridge_coordinates_of_its_states():
     bridge = {"projector": "bridge", "bridge": BridgeConfig(rank=4, batches=1), "token_loss": TOKEN}
-    local, away = make_module(**bridge), make_module(**bridge, remote_teacher=remote(replicas=1))
+    local = make_module(objective=bridge)
+    away = make_module(objective=bridge, teacher_placement={"remote": remote(replicas=1)})
     local.distiller.calibrate(PROMPTS, batch_size=3)
     away.objective.load_state_dict(local.objective.state_dict())
     projection = away.objective.teacher_projection()
@@ -78,7 +79,7 @@ def test_with_a_calibrated_bridge_a_replica_sends_the_bridge_coordinates_of_its_
     for label, target in targets.items():
         assert target.shape[-1] == 4 and not target[:, :start].any()
         assert torch.equal(target[:, start:], expected[label][:, start:]), label
-    assert make_module(**bridge).objective.teacher_projection() is None  # before calibration: whole states
+    assert make_module(objective=bridge).objective.teacher_projection() is None  # before calibration: whole states
 
 
 class Losses(L.Callback):
@@ -114,8 +115,8 @@ def fit_losses(tmp_path, steps: int = 3, before_step: dict | None = None, **kwar
     ids=["hidden", "token", "mixed", "bridge"],
 )
 def test_a_fit_with_a_remote_teacher_logs_the_in_process_losses(tmp_path, objective):
-    local = fit_losses(tmp_path / "local", **objective)
-    away = fit_losses(tmp_path / "remote", remote_teacher=remote(), **objective)
+    local = fit_losses(tmp_path / "local", objective=objective)
+    away = fit_losses(tmp_path / "remote", objective=objective, teacher_placement={"remote": remote()})
     assert away == local
 
 
@@ -132,7 +133,7 @@ def _kill_process(module) -> None:
 @pytest.mark.parametrize("kill", [_kill_actor, _kill_process], ids=["actor", "process"])
 def test_a_replica_lost_mid_run_leaves_the_losses_unchanged(tmp_path, kill):
     local = fit_losses(tmp_path / "local", steps=4)
-    away = fit_losses(tmp_path / "remote", steps=4, before_step={2: kill}, remote_teacher=remote())
+    away = fit_losses(tmp_path / "remote", steps=4, before_step={2: kill}, teacher_placement={"remote": remote()})
     assert away == local
 
 
@@ -144,21 +145,21 @@ def test_with_every_replica_lost_the_run_saves_and_names_the_teacher(tmp_path):
             ray.kill(handle, no_restart=True)
 
     with pytest.raises(TeacherUnavailable, match=f"{settings.name}.*auto.*teacher-lost-step1.ckpt"):
-        fit_losses(tmp_path, steps=3, before_step={1: kill_all}, remote_teacher=settings)
+        fit_losses(tmp_path, steps=3, before_step={1: kill_all}, teacher_placement={"remote": settings})
     saved = torch.load(tmp_path / "teacher-lost-step1.ckpt", weights_only=True)
     assert saved["global_step"] == 1
 
 
 def test_a_replica_serving_another_model_is_refused():
     settings = remote(replicas=1, detached=True)
-    serving = make_module(remote_teacher=settings)  # teacher seed 1 (conftest), left running: detached
+    serving = make_module(teacher_placement={"remote": settings})  # teacher seed 1 (conftest), left running: detached
     try:
-        again = make_module(remote_teacher=settings)  # the same model re-attaches to the running replica
+        again = make_module(teacher_placement={"remote": settings})  # the same model re-attaches to the running replica
         assert again.pair.frozen_teacher.pids == serving.pair.frozen_teacher.pids
         from oprd.models import TINY_TEACHER, ModelSpec
 
         with pytest.raises(ValueError, match=f"{settings.name}-0.*serves another model"):
-            make_module(teacher=ModelSpec(config=TINY_TEACHER, seed=5), remote_teacher=settings)
+            make_module(teacher=ModelSpec(config=TINY_TEACHER, seed=5), teacher_placement={"remote": settings})
     finally:
         ray.kill(ray.get_actor(f"{settings.name}-0", namespace="oprd"))
 
@@ -167,7 +168,7 @@ def test_an_unreachable_cluster_fails_in_one_line_before_the_student_loads(tmp_p
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "oprd.cli", "fit", "--config", str(ROOT / "configs/tiny.yaml")]
-    command += ["--trainer.default_root_dir", str(tmp_path), "--model.remote_teacher.address", "127.0.0.1:9"]
+    command += ["--trainer.default_root_dir", str(tmp_path), "--model.teacher_placement.remote.address", "127.0.0.1:9"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -177,5 +178,7 @@ def test_an_unreachable_cluster_fails_in_one_line_before_the_student_loads(tmp_p
 
 @pytest.mark.parametrize("address", ["", "nohost", "host:port", "ray://:10001"])
 def test_a_malformed_address_is_named_with_its_forms_before_anything_connects(address):
-    with pytest.raises(ValueError, match=r"remote_teacher.address .* is not `auto`, `host:port` or `ray://host:port`"):
+    with pytest.raises(
+        ValueError, match=r"model.teacher_placement.remote.address .* is not `auto`, `host:port` or `ray://host:port`"
+    ):
         RemoteTeacherConfig(address=address)

@@ -61,7 +61,7 @@ def test_off_policy_responses_come_from_the_data(tmp_path):
 
 
 def test_avg_at_k_and_best_at_k_on_a_fixed_sampler(monkeypatch):
-    module = make_module(eval_samples=3)
+    module = make_module(eval={"samples": 3})
     # Two prompts, three samples each: prompt 1 gets 1 of 3 right, prompt 2 none.
     texts = ["3", "5", "x", "7 is not it", "no", "8"]
     monkeypatch.setattr(module.distiller, "sample", lambda prompts, config, seed=None: Rollout(

@@ -33,7 +33,7 @@ def test_nonfinite_loss_stops_with_the_step_and_term_and_saves_the_last_good_sta
 
 
 def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
-    module = make_module(nonfinite="skip")
+    module = make_module(guard={"nonfinite": "skip"})
     poison_teacher(module, at_call=2)
     trainer(tmp_path, max_steps=3).fit(module, PromptDataModule(batch_size=2))
     assert module.guard.skipped == 1

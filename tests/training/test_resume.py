@@ -49,7 +49,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_validate_from_a_checkpoint_scores_the_model_it_is_told_to(trained, tmp_path):
-    run("validate", tmp_path / "teacher", "--ckpt_path", str(trained), "--model.eval_model", "teacher")
+    run("validate", tmp_path / "teacher", "--ckpt_path", str(trained), "--model.eval.model", "teacher")
     run("validate", tmp_path / "student", "--ckpt_path", str(trained))
     (teacher,) = logged(tmp_path / "teacher", "validate")
     (student,) = logged(tmp_path / "student", "validate")
@@ -75,15 +75,15 @@ def test_a_resumed_run_takes_the_learning_rate_it_is_given(trained, tmp_path):
 @pytest.fixture(scope="module")
 def last_layer(tmp_path_factory) -> Path:
     """`last.ckpt` of a 1-step tiny run with `layer_map: last` (one pair, 1_3)."""
-    return fit(tmp_path_factory.mktemp("last-layer"), "--trainer.max_steps", "1", "--model.layer_map", "last")
+    return fit(tmp_path_factory.mktemp("last-layer"), "--trainer.max_steps", "1", "--model.objective.layer_map", "last")
 
 
 def test_a_checkpoint_fixes_models_and_layer_map(last_layer, tmp_path, capsys, no_weight_loading):
     with pytest.raises(SystemExit) as exit_info:
-        run("validate", tmp_path, "--ckpt_path", str(last_layer), "--model.layer_map", "[[0, 1]]")
+        run("validate", tmp_path, "--ckpt_path", str(last_layer), "--model.objective.layer_map", "[[0, 1]]")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "was trained with model.layer_map = 'last', but this run sets [[0, 1]]" in err
+    assert "was trained with model.objective.layer_map = 'last', but this run sets [[0, 1]]" in err
 
 
 def test_layer_map_is_taken_from_the_checkpoint_when_not_given(last_layer, tmp_path):
@@ -114,9 +114,9 @@ def test_a_diverged_run_saves_weights_that_evaluate_and_resume(tmp_path, capsys)
 def test_skipping_stops_when_every_step_is_broken(tmp_path, capsys):
     flags = ("--model.optim.lr", "1e3", "--model.optim.projector_lr", "1e3", "--model.optim.warmup_steps", "0")
     with pytest.raises(SystemExit):
-        skip = ("--model.nonfinite", "skip", "--model.nonfinite_max_skips", "3")
+        skip = ("--model.guard.nonfinite", "skip", "--model.guard.max_skips", "3")
         fit(tmp_path, "--trainer.max_steps", "30", *flags, *skip)
-    assert "3 steps in a row were not finite (model.nonfinite_max_skips)" in capsys.readouterr().err
+    assert "3 steps in a row were not finite (model.guard.max_skips)" in capsys.readouterr().err
     assert list(tmp_path.glob("nonfinite-step*-last-good.ckpt"))
 
 

@@ -38,7 +38,8 @@ def test_a_head_tied_to_the_embeddings_stays_trainable():
 
 def test_every_trainable_parameter_gets_a_gradient():
     """What DDP (find_unused_parameters=False) needs, for the hidden-only, truncated and token-space objectives."""
-    cases = [{}, {"layer_map": [[0, 1]]}, {"token_loss": TokenLossConfig(objective="reverse_kl", estimator="exact")}]
+    exact = TokenLossConfig(objective="reverse_kl", estimator="exact")
+    cases = [{}, {"objective": {"layer_map": [[0, 1]]}}, {"objective": {"token_loss": exact}}]
     for kwargs in cases:
         module = make_module(**kwargs)
         roll = module.distiller.sample(["What is 1 plus 2?"], module.distiller.rollout, seed=0)
@@ -87,8 +88,8 @@ def test_unknown_engines_are_refused_with_the_registered_names():
 
 
 def test_sharding_is_a_no_op_in_one_process(tmp_path):
-    module = make_module(shard_teacher=True)
-    with pytest.warns(UserWarning, match="shard_teacher"):
+    module = make_module(teacher_placement={"shard": True})
+    with pytest.warns(UserWarning, match="teacher_placement.shard"):
         trainer(tmp_path, max_steps=1).fit(module, PromptDataModule(batch_size=2))
     assert not any(hasattr(p, "full_tensor") for p in module.parameters())
     assert torch.isfinite(next(module.pair.teacher.parameters())).all()
