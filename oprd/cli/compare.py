@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
-from typing import Literal
+from dataclasses import MISSING, fields
+from typing import get_args, get_origin, get_type_hints
 
-from jsonargparse import ArgumentParser, Namespace
+from docstring_parser import parse_from_object
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from oprd.cli import preflight
 from oprd.cli.fit import OprdCLI, build_cli, quiet_startup, show_progress_logs
@@ -59,45 +60,49 @@ class CliFits:
         del sys.argv[1:]  # the run's arguments come from `fit_args`, not from the `oprd compare` command line
 
 
+NOT_FLAGS = {"group", "extra"}
+"""`CompareSettings` fields that are no flag: the W&B group is named when a comparison starts, and `extra` holds the
+flags after `--`."""
+FLAGS = {"configs": "config", "lrs": "lr"}
+"""Fields whose flag is named after one item: `--config a.yaml b.yaml`, `--lr 1e-5 opd=3e-6`."""
+
+
 def compare_parser() -> ArgumentParser:
+    """One flag per `CompareSettings` field but `NOT_FLAGS`, in field order, with the field's docstring as its help, so
+    a new field is a new flag. jsonargparse adds each from the field's type, except lists and dicts: those take their
+    items one after another (`--objectives oprd opd`, not jsonargparse's `[oprd,opd]`), and a dict's are the strings
+    `parse_lrs` reads."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="oprd compare", description=DESCRIPTION, epilog=f"Example: {EXAMPLE}")
-    parser.add_argument("--config", nargs="+", required=True, help="The fit config(s): pair, data, trainer.")
-    parser.add_argument(
-        "--objectives",
-        nargs="+",
-        default=["oprd", "opd"],
-        help="Objective fragments: shipped names (oprd, opd, opd_topk, mix) or YAML files.",
-    )
-    parser.add_argument(
-        "--lr",
-        nargs="+",
-        default=[],
-        help="Learning rates for every objective (1e-5 3e-5), or per objective (opd=3e-6,1e-5).",
-    )
-    parser.add_argument("--steps", type=int | None, default=None, help="Optimizer steps (default: the config's).")
-    parser.add_argument("--eval_every", type=int | None, default=None, help="Steps between held-out scores.")
-    parser.add_argument(
-        "--budget",
-        type=Literal["steps", "time"],
-        default="steps",
-        help="Equal steps, or equal training seconds (--time_s; the schedule is then constant).",
-    )
-    parser.add_argument("--time_s", type=float | None, default=None, help="Training seconds per run (--budget time).")
-    parser.add_argument("--eval_prompts", type=int, default=64, help="Held-out prompts (half select, half report).")
-    parser.add_argument(
-        "--select",
-        type=Literal["reverse_kl", "accuracy"],
-        default="reverse_kl",
-        help="The metric that picks each objective's learning rate, on the selection half.",
-    )
-    parser.add_argument(
-        "--final_heldout",
-        nargs="+",
-        default=[],
-        help="Other prompt sources scored on the final weights (e.g. arithmetic-rephrased arithmetic-large).",
-    )
-    parser.add_argument("--out", type=str, default="runs/compare", help="Results folder.")
-    return parser  # fmt: skip
+    docs = {param.arg_name: param.description for param in parse_from_object(CompareSettings).params}
+    types = get_type_hints(CompareSettings)
+    names = {f.name for f in fields(CompareSettings)}
+    for f in fields(CompareSettings):
+        if f.name in NOT_FLAGS:
+            continue
+        kind = get_origin(types[f.name])
+        if kind not in (list, dict):
+            parser.add_class_arguments(CompareSettings, as_group=False, skip=names - {f.name})  # keeps field order
+            continue
+        required = f.default_factory is MISSING
+        parser.add_argument(
+            f"--{FLAGS.get(f.name, f.name)}",
+            nargs="+",
+            type=get_args(types[f.name])[0] if kind is list else str,
+            required=required,
+            default=None if required else [] if kind is dict else f.default_factory(),
+            help=docs[f.name],
+        )
+    return parser
+
+
+def compare_settings(argv: list[str]) -> CompareSettings:
+    """The `CompareSettings` of `oprd compare`'s arguments (without the subcommand name): flags after `--` go to every
+    run's `fit`. Bad values are refused by the parser (usage and error) or by `CompareSettings` (a `ValueError`)."""
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    field = {flag: name for name, flag in FLAGS.items()}  # parsed under the flag's name, as its errors name it
+    values = {field.get(key, key): value for key, value in compare_parser().parse_args(own).as_dict().items()}
+    return CompareSettings(**{**values, "lrs": parse_lrs(values["lrs"])}, extra=extra)
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[float]]:
@@ -114,22 +119,7 @@ def parse_lrs(items: list[str]) -> dict[str, list[float]]:
 
 def compare_main(argv: list[str]) -> dict:
     """Run `oprd compare` with its arguments (without the subcommand name)."""
-    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    args = compare_parser().parse_args(own)
-    settings = CompareSettings(
-        configs=args.config,
-        objectives=args.objectives,
-        lrs=parse_lrs(args.lr),
-        steps=args.steps,
-        eval_every=args.eval_every,
-        budget=args.budget,
-        time_s=args.time_s,
-        eval_prompts=args.eval_prompts,
-        select=args.select,
-        final_heldout=args.final_heldout,
-        out=Path(args.out),
-        extra=extra,
-    )
+    settings = compare_settings(argv)
     result = compare(settings, CliFits())
     result["meta"] = {"command": "oprd compare " + " ".join(argv)}
     print_table(result)

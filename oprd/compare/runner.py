@@ -66,7 +66,8 @@ class CompareSettings:
     """Objective fragments: shipped names (`oprd`, `opd`, `opd_topk`, `mix`) or YAML paths (named after the file,
     `benchmarks/objectives/oprd_std.yaml` -> `oprd_std`)."""
     lrs: dict[str, list[float]] = field(default_factory=dict)
-    """Learning rates per objective (`*`: every objective); none given: the config's own."""
+    """Learning rates per objective (`*`: every objective); none given: the config's own. On the command line, rates for
+    every objective (`1e-5 3e-5`) or for one (`opd=3e-6,1e-5`)."""
     steps: int | None = None
     """Optimizer steps per run (None: the config's `trainer.max_steps`)."""
     eval_every: int | None = None
@@ -77,7 +78,7 @@ class CompareSettings:
     """Training seconds per run with `budget: time`."""
     eval_prompts: int = 64
     """Held-out prompts scored (half pick the learning rate, half report it)."""
-    select: str = "reverse_kl"
+    select: Literal["reverse_kl", "accuracy"] = "reverse_kl"
     """The selection-split metric that picks each objective's learning rate."""
     final_heldout: list[str] = field(default_factory=list)
     """Other prompt sources scored once on the final weights of every run (e.g. `arithmetic-rephrased`)."""

@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from docstring_parser import parse_from_object
 from rich.console import Console
 
+import oprd.cli.compare
 import oprd.compare.probe
 from oprd.cli import main
 from oprd.cli.compare import CliFits, parse_lrs
@@ -127,6 +130,45 @@ def test_learning_rate_grids_and_bad_settings_are_parsed_and_refused():
         CompareSettings(configs=["x.yaml"], objectives=["nope"])
     with pytest.raises(ValueError, match="--budget time needs --time_s"):
         CompareSettings(configs=["x.yaml"], budget="time")
+
+
+def test_every_setting_is_a_flag_whose_help_is_its_docstring(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    docs = {param.arg_name: param.description for param in parse_from_object(CompareSettings).params}
+    for field in fields(CompareSettings):
+        flag = {"configs": "config", "lrs": "lr"}.get(field.name, field.name)
+        if field.name in ("group", "extra"):
+            assert f"--{flag} " not in shown
+        else:
+            assert f"--{flag} " in shown and " ".join(docs[field.name].split()[:5]) in shown, field.name
+
+
+class Parsed(Exception):
+    """Raised in place of the comparison, with the settings `oprd compare` parsed from its command line."""
+
+
+def test_a_full_command_line_gives_its_settings(monkeypatch):
+    def parsed(settings, fits):
+        raise Parsed(settings)
+
+    monkeypatch.setattr(oprd.cli.compare, "compare", parsed)
+    with pytest.raises(Parsed) as got:
+        main([
+            "compare", "--config", "a.yaml", "b.yaml", "--objectives", "opd", "oprd", "--lr", "1e-5", "3e-5",
+            "opd=3e-6,1e-5", "--steps", "50", "--eval_every", "10", "--budget", "time", "--time_s", "600",
+            "--eval_prompts", "8", "--select", "accuracy", "--final_heldout", "arithmetic-rephrased",
+            "arithmetic-large", "--out", "results", "--", "--data.batch_size", "4",
+        ])  # fmt: skip
+    settings = got.value.args[0]
+    assert settings == CompareSettings(
+        configs=["a.yaml", "b.yaml"], objectives=["opd", "oprd"], lrs={"*": [1e-5, 3e-5], "opd": [3e-6, 1e-5]},
+        steps=50, eval_every=10, budget="time", time_s=600.0, eval_prompts=8, select="accuracy",
+        final_heldout=["arithmetic-rephrased", "arithmetic-large"], out=Path("results"),
+        extra=["--data.batch_size", "4"], group=settings.group,
+    )  # fmt: skip
 
 
 def _final(result: dict, objective: str, lr: float, split: str) -> dict:
