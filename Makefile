@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(VENV)/bin/oprd fit --config configs/quickstart.yaml
 
-# Serial: under pytest-xdist (two workers) the README's validate/export commands ran without the checkpoint of the
-# fit before them in 2 of 4 fresh-clone runs, the module's xdist_group notwithstanding; not understood yet.
+# Two workers of one thread each (pytest-xdist); tests that share a folder or a module-scoped fixture are kept on one
+# worker by their `xdist_group`, and none depends on the order another test ran in.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow and not gpu" -q -n 2 --dist loadgroup
 
 test-slow: setup
 	$(PY) -m pytest -m "slow or gpu" -q
