@@ -9,6 +9,8 @@ A layer map is a list of `(student_point, teacher_point)` pairs, where a point i
 * `norm`: the final normed states only.
 * `pruned`: for a depth-pruned student, each kept layer -> the last teacher layer of the block it replaces
   (`oprd.models.prune.pruned_layer_map`).
+* `pruned_norm`: `pruned` plus the final normed states, so that a hidden-state objective also trains the student's
+  final norm (which `pruned` never reaches) toward the state the teacher's LM head reads.
 
 Explicit pairs (`[[0, 1], [1, 3], ["norm", "norm"]]`) override them; lists of pairs survive LightningCLI's YAML
 round-trip, dicts with int keys would not (their keys come back as strings).
@@ -22,7 +24,7 @@ from typing import Literal, get_args
 from oprd.models.capture import NORM, Point, resolve_point
 from oprd.models.prune import pruned_layer_map
 
-NamedMap = Literal["uniform", "all", "last", "norm", "pruned"]
+NamedMap = Literal["uniform", "all", "last", "norm", "pruned", "pruned_norm"]
 LayerMapSpec = str | Sequence[Sequence[int | str]]
 NAMED_MAPS: tuple[str, ...] = get_args(NamedMap)
 
@@ -54,10 +56,11 @@ def resolve_layer_map(
             return [(num_student - 1, num_teacher - 1)]
         if spec == "norm":
             return [(NORM, NORM)]
-        if spec == "pruned":
+        if spec in ("pruned", "pruned_norm"):
             if kept_layers is None:
-                raise ValueError("layer_map 'pruned' needs a pruned student (`student.keep_layers` or `keep_every`).")
-            return list(pruned_layer_map(kept_layers, num_teacher))
+                raise ValueError(f"layer_map {spec!r} needs a pruned student (`student.keep_layers` or `keep_every`).")
+            norm = [(NORM, NORM)] if spec == "pruned_norm" else []
+            return [*pruned_layer_map(kept_layers, num_teacher), *norm]
         raise ValueError(
             f"Unknown layer map {spec!r}; use one of {', '.join(NAMED_MAPS)} or a list of [student, teacher]."
         )

@@ -75,6 +75,14 @@ def test_a_module_saves_the_layers_it_chose(idle_folder):
     assert module.hparams["student"]["keep_layers"] == [0, 2, 4]
     assert len(module.student.model.layers) == 3
     assert module.objective.pairs == [(0, 1), (1, 3), (2, 4)]  # `pruned`: where each kept layer's stream resumes
+    assert not module.student.model.norm.weight.requires_grad  # no term reaches the final norm
+
+
+def test_pruned_norm_also_trains_the_final_norm(idle_folder):
+    spec = ModelSpec(path=str(idle_folder), keep_layers=[0, 2, 4])
+    module = make_module(teacher=ModelSpec(path=str(idle_folder)), student=spec, objective={"layer_map": "pruned_norm"})
+    assert module.objective.pairs == [(0, 1), (1, 3), (2, 4), ("norm", "norm")]
+    assert module.student.model.norm.weight.requires_grad
 
 
 def test_depth_and_width_together_make_a_smaller_student(idle_folder, tokenizer):

@@ -19,6 +19,15 @@ def test_named_and_explicit_maps():
     assert resolve_layer_map([[0, 1], [-1, -1], ["norm", "norm"]], 2, 4) == [(0, 1), (1, 3), ("norm", "norm")]
 
 
+def test_a_pruned_map_with_the_final_normed_states():
+    # Kept teacher layers 0, 2, 3 of 6: each student layer learns the last teacher layer of the block it replaces.
+    assert resolve_layer_map("pruned", 3, 6, kept_layers=[0, 2, 3]) == [(0, 1), (1, 2), (2, 5)]
+    with_norm = resolve_layer_map("pruned_norm", 3, 6, kept_layers=[0, 2, 3])
+    assert with_norm == [(0, 1), (1, 2), (2, 5), ("norm", "norm")]
+    with pytest.raises(ValueError, match="layer_map 'pruned_norm' needs a pruned student"):
+        resolve_layer_map("pruned_norm", 3, 6)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
