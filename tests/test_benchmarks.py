@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from benchmarks.peers import QUICK_RATES, RATES, parse_rates
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # Under xdist the module runs on one worker: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("benchmarks")

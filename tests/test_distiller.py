@@ -11,7 +11,7 @@ from oprd.objective.calibration import calibrate_projectors
 from oprd.objective.objective import ObjectiveConfig
 from oprd.objective.select import SelectProjectors
 from oprd.rollout import RolloutConfig
-from tests.conftest import STUDENT, TEACHER
+from tests.helpers import STUDENT, TEACHER
 
 
 def test_a_step_without_a_trainer_trains_the_student_and_the_projectors():

@@ -10,7 +10,7 @@ from oprd.data import format_prompts
 from oprd.models import ModelSpec, load_config, load_model
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # Under xdist the module runs on one worker: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("export")

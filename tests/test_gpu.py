@@ -10,7 +10,7 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.models import ModelSpec
-from tests.conftest import TEACHER, make_module, trainer
+from tests.helpers import TEACHER, make_module, trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 PROMPTS = ["What is 1 plus 2?", "Hi there"]

@@ -21,7 +21,7 @@ from oprd.objective.objective import ObjectiveConfig
 from oprd.parallel.placement import TeacherPlacement
 from oprd.parallel.remote import RemoteTeacherConfig
 from oprd.training.guard import GuardConfig
-from tests.conftest import make_module
+from tests.helpers import make_module
 
 
 def test_every_group_is_a_module_argument_whose_default_is_its_dataclass():

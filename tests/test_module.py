@@ -12,7 +12,7 @@ from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
-from tests.conftest import EXACT, STUDENT, TEACHER, assert_same_state, make_module, trainer
+from tests.helpers import EXACT, STUDENT, TEACHER, assert_same_state, make_module, trainer
 
 
 def test_teacher_is_frozen_and_kept_out_of_optimizer_checkpoint_and_summary(tmp_path):

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from oprd.training.memory import KINDS
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # Under xdist the module runs on one worker, so its module-scoped fixture (a fit) is built once.
 pytestmark = pytest.mark.xdist_group("readme")

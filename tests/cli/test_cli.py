@@ -11,7 +11,7 @@ import yaml
 from oprd.cli import main
 from oprd.models import ModelSpec, load_config, load_model
 from tests import wandb_reader
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # The shipped configs and the candidate objectives of the quality sweep (benchmarks/RESULTS.md).
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "benchmarks/objectives").glob("*.yaml"))

@@ -17,7 +17,7 @@ from oprd.cli import main
 from oprd.data import read_jsonl
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
-from tests.conftest import ROOT, make_module
+from tests.helpers import ROOT, make_module
 from tests.training.test_faults import save_model_folder
 
 TINY = str(ROOT / "configs/tiny.yaml")

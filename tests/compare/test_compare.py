@@ -33,7 +33,7 @@ from oprd.data import PromptDataModule, arithmetic_examples
 from oprd.rollout.engine import HFGenerateEngine
 from oprd.training.memory import UpdateMemory
 from tests import wandb_reader
-from tests.conftest import ROOT, make_module, trainer
+from tests.helpers import ROOT, make_module, trainer
 
 # Under xdist the module runs on one worker: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("compare")

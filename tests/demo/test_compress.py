@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 
 from oprd.cli import main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.xdist_group("smollm2")  # under xdist: one worker builds the real model once
 

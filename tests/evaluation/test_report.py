@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oprd.data import PromptDataModule
 from oprd.evaluation.report import DistillReport
-from tests.conftest import make_module
+from tests.helpers import make_module
 
 
 def test_report_scores_before_after_teacher_and_exports_a_loadable_student(tmp_path, capsys):

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import oprd.losses.lm_head as lm_head
 from oprd.losses.lm_head import chunked_token_loss_sum, dense_token_loss_sum, token_loss_sum_from_hidden
 from oprd.losses.token import ESTIMATORS, OBJECTIVES, TokenLossConfig, token_loss_sum
-from tests.conftest import EXACT_RTOL, relative_error
+from tests.helpers import EXACT_RTOL, relative_error
 
 B, T, D_S, D_T = 3, 6, 8, 10
 VOCAB, V_STUDENT, V_TEACHER = 17, 20, 23  # both heads padded past the shared tokenizer vocabulary
@@ -27,7 +27,7 @@ VALID = [(o, e) for o, e in itertools.product(OBJECTIVES, ESTIMATORS) if e != "s
 
 def make_inputs(seed: int = 0, all_masked: bool = False):
     """Float64 states and heads: chunked and dense are the same sums in another order, compared far below float32
-    round-off (tests/conftest.py)."""
+    round-off (tests/helpers.py)."""
     torch.manual_seed(seed)
     student_hidden = torch.randn(B, T, D_S, dtype=torch.float64, requires_grad=True)
     teacher_hidden = torch.randn(B, T, D_T, dtype=torch.float64)

@@ -3,7 +3,7 @@ import torch
 
 from oprd.models.capture import NORM, HiddenCapture, resolve_point
 from oprd.models.layers import decoder, find_final_norm, find_layers
-from tests.conftest import tiny_llama, tiny_qwen3
+from tests.helpers import tiny_llama, tiny_qwen3
 
 
 @torch.no_grad()

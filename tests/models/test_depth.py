@@ -12,7 +12,7 @@ from oprd.models.depth import DepthPrune, block_influence, most_influential
 from oprd.models.spec import choose_depth, load_config, load_model
 from oprd.rollout import RolloutConfig
 from oprd.rollout.mixing import coin_seed, is_on_policy
-from tests.conftest import make_module, tiny_llama
+from tests.helpers import make_module, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDLE = (1, 3)

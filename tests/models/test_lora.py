@@ -14,7 +14,7 @@ from oprd.export import export_checkpoint
 from oprd.models import ModelSpec, load_config, load_model
 from oprd.models.lora import LoraSettings, is_lora
 from oprd.module import DistillModule
-from tests.conftest import STUDENT, make_module, trainer
+from tests.helpers import STUDENT, make_module, trainer
 
 # Under xdist the module runs on one worker: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("lora")

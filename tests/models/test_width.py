@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from oprd.data import PromptDataModule
 from oprd.models import ModelSpec, load_config, load_model, tiny_tokenizer
 from oprd.models.width import WidthPrune, importance, kept_heads, prune_width, width_pruned_config
-from tests.conftest import TEACHER, make_module, tiny_llama, tiny_qwen3, trainer
+from tests.helpers import TEACHER, make_module, tiny_llama, tiny_qwen3, trainer
 
 
 def _batch(vocab=384, b=3, t=10, seed=0):
@@ -102,7 +102,7 @@ def test_width_pruning_calibrates_on_the_runs_own_training_prompts(tmp_path, mon
     # With data.seed 1 the built-in task holds out other prompts than with the default seed: calibration must follow.
     import oprd.models.spec
     from oprd.cli.fit import build_cli
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     seen: list[str] = []
 

@@ -15,7 +15,7 @@ from oprd.data import PromptDataModule, arithmetic_examples
 from oprd.evaluation.report import DistillReport
 from oprd.models import ModelSpec
 from oprd.objective.bridge import BridgeConfig, BridgeProjectors, pca
-from tests.conftest import ROOT, TEACHER, make_module, trainer
+from tests.helpers import ROOT, TEACHER, make_module, trainer
 
 TINY = str(ROOT / "configs/tiny.yaml")
 BRIDGE = ("--model.objective.projector", "bridge", "--model.objective.bridge.rank", "4",

@@ -10,7 +10,7 @@ from oprd.data import PromptDataModule
 from oprd.losses.hidden import HiddenLossConfig, hidden_standardized_mse
 from oprd.losses.weighting import LayerWeighting
 from oprd.objective.statistics import STD_FLOOR, RunningMoments
-from tests.conftest import make_module, trainer
+from tests.helpers import make_module, trainer
 
 
 def test_standardized_mse_is_the_error_in_units_of_the_teacher_std():

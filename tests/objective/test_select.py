@@ -16,7 +16,7 @@ from oprd.models.capture import HiddenCapture
 from oprd.models.width import WidthPrune, importance, kept, prune_width, width_pruned_config
 from oprd.objective.bridge import BridgeConfig
 from oprd.objective.select import SelectProjectors, match_channels
-from tests.conftest import ROOT, TEACHER, make_module, tiny_llama
+from tests.helpers import ROOT, TEACHER, make_module, tiny_llama
 
 PROMPTS = ["What is 1 plus 2?", "What is 3 plus 4?"]
 

@@ -26,7 +26,7 @@ from oprd.module import DistillModule
 from oprd.parallel.sharding import FSDP2Strategy, is_sharded
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
-from tests.conftest import STUDENT, TEACHER
+from tests.helpers import STUDENT, TEACHER
 
 
 def specs(dtype: str = "float32", **kwargs) -> dict:

@@ -1,7 +1,7 @@
 """Multi-process training on CPU with gloo: DDP and FSDP2 give the single-process result.
 
 Every multi-process run is a subprocess (Lightning re-launches the command once per rank) with a timeout. Both sides
-of every comparison run in float64 and agree to `EXACT_RTOL` of each tensor's scale (tests/conftest.py derives it).
+of every comparison run in float64 and agree to `EXACT_RTOL` of each tensor's scale (tests/helpers.py derives it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from oprd.evaluation.scoring import score
 from oprd.module import DistillModule
 from oprd.rollout import RolloutConfig
-from tests.conftest import EXACT, ROOT, assert_same_state
+from tests.helpers import EXACT, ROOT, assert_same_state
 from tests.parallel.distributed_worker import specs, train
 
 # Under xdist the module runs on one worker: its module-scoped fixture is built once.

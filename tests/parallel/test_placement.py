@@ -12,7 +12,7 @@ import torch
 import oprd.parallel.placement
 from oprd.losses.token import TokenLossConfig
 from oprd.parallel.placement import TeacherPlacement
-from tests.conftest import make_module
+from tests.helpers import make_module
 
 CUDA = torch.device("cuda", 0)
 

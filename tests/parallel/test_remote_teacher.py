@@ -19,7 +19,7 @@ from oprd.models.capture import NORM
 from oprd.objective.bridge import BridgeConfig
 from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
 from oprd.rollout import RolloutConfig
-from tests.conftest import ROOT, make_module, trainer
+from tests.helpers import ROOT, make_module, trainer
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.xdist_group("ray")  # under xdist: one worker holds the local cluster

@@ -11,7 +11,7 @@ from oprd.data import PromptDataModule
 from oprd.evaluation.scoring import sampled_accuracy
 from oprd.rollout import RolloutConfig
 from oprd.rollout.sampling import Rollout, rollout_seed
-from tests.conftest import make_module, trainer
+from tests.helpers import make_module, trainer
 
 
 def _fit_kinds(tmp_path, steps: int, **rollout) -> tuple[list[float], object]:

@@ -3,7 +3,7 @@ import torch
 
 from oprd.data import format_prompts
 from oprd.rollout import RolloutConfig, response_mask, rollout
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 
 def test_response_mask_stops_after_first_eos():

@@ -17,7 +17,7 @@ from oprd.models import ModelSpec
 from oprd.models.lora import LoraSettings
 from oprd.rollout import RolloutConfig
 from oprd.training.optim import OptimConfig
-from tests.conftest import TEACHER, make_module, trainer
+from tests.helpers import TEACHER, make_module, trainer
 
 vllm = pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm

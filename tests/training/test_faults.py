@@ -20,7 +20,7 @@ from oprd.data import PromptDataModule, ResumableLoader, ResumableSampler
 from oprd.models import ModelSpec, load_tokenizer, tiny_tokenizer
 from oprd.module import DistillModule
 from oprd.training.checkpoint import check_state_shapes
-from tests.conftest import ROOT, STUDENT, TEACHER, make_module
+from tests.helpers import ROOT, STUDENT, TEACHER, make_module
 
 OPRD = Path(sys.executable).parent / "oprd"
 MAX_STEPS = 8

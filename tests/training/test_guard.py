@@ -3,7 +3,7 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.training.guard import describe_term, nonfinite_grads, nonfinite_term
-from tests.conftest import make_module, trainer
+from tests.helpers import make_module, trainer
 
 
 def poison_teacher(module, at_call: int):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from oprd.cli import main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # Under xdist the module runs on one worker: its module-scoped fixture is built once.
 pytestmark = pytest.mark.xdist_group("resume")

@@ -11,7 +11,7 @@ from oprd.losses.token import TokenLossConfig
 from oprd.models.capture import NORM
 from oprd.parallel.sharding import freeze_unreached
 from oprd.rollout import HFGenerateEngine, RolloutConfig, get_engine, register_engine
-from tests.conftest import make_module, tiny_llama, trainer
+from tests.helpers import make_module, tiny_llama, trainer
 
 
 def _trainable(model) -> set[str]:
