@@ -3,10 +3,11 @@
 For each pair and each placement (in-process, 1 replica, 2 replicas) a fresh process builds the pair with the `fit`
 CLI and trains `--steps` steps of the config's own objective, timing each step; the trainer process's peak RSS
 (`ru_maxrss`: replicas are other processes, so it is what the trainer itself holds) is read at the end. A fresh
-process per run keeps one run's memory out of the next. The bytes a replica ships are measured on one rollout: the
-pickled states it returns, per response token and per sequence token (it ships every position of the sequence);
-next to them, what the Bridge's rank-r coordinates would take, and the top-64 log-probs a logit server sends (value
-and token id, 4 bytes each, per response token).
+process per run keeps one run's memory out of the next. The bytes a replica ships are measured on one rollout after
+training: what it returns, pickled, per response token and per sequence token (each state from the last prompt
+position on; with a calibrated Bridge, each pair's rank-r coordinates instead of its states); next to them, what
+rank-8 coordinates of the same layers take, and the top-64 log-probs a logit server sends (value and token id, 4
+bytes each, per response token).
 
     .venv/bin/python -m benchmarks.remote_teacher --threads 1 [--quick] [--steps 4] [--out DIR]
 
@@ -41,6 +42,8 @@ from benchmarks.common import (
     ratio,
     write_json,
 )
+from oprd.losses.hidden import basis_coordinates
+from oprd.models.capture import NORM
 from oprd.objective.bridge import BridgeProjectors
 from oprd.parallel.remote import first_read_position, shipped
 
@@ -90,12 +93,24 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     roll = module.distiller.sample(
         next(iter(cli.datamodule.train_dataloader()))["prompt"], module.distiller.rollout, seed=0
     )
-    states = module.pair.teacher_states(roll, module.objective.points("teacher"))
-    # What a replica sends: the states from the last prompt position on (`oprd.parallel.remote.shipped`).
-    payload = len(pickle.dumps(shipped({k: v.cpu() for k, v in states.items()}, first_read_position(roll))))
-    pairs = len(module.objective.projectors.pairs)
-    projectors = module.objective.projectors
-    rank = projectors.config.rank if isinstance(projectors, BridgeProjectors) else None
+    objective, start = module.objective, first_read_position(roll)
+    states = module.pair.teacher_states(roll, objective.points("teacher"))
+    states = {point: state.cpu() for point, state in states.items()}
+    # What a replica sends (`TeacherReplica.states`): the states from the last prompt position on, and with a
+    # calibrated Bridge each pair's coordinates in its basis instead of that pair's states.
+    projection = objective.teacher_projection() or {}
+    coordinates = {
+        label: basis_coordinates(states[point], mean.cpu(), basis.cpu())
+        for label, (point, mean, basis) in projection.items()
+    }
+    if projection:
+        whole = [NORM] if objective.needs_head else []  # the final normed state, for a token term's logits
+    else:
+        whole = list(states)
+    sent = shipped({point: states[point] for point in whole}, start), shipped(coordinates, start)
+    payload = len(pickle.dumps(sent))
+    pairs = len(objective.projectors.pairs)
+    rank = objective.projectors.config.rank if isinstance(objective.projectors, BridgeProjectors) else None
     return {
         "step_s": statistics.median(times.seconds[1:]),  # the first step warms up (imports, the head's fetch)
         "steps_timed": len(times.seconds) - 1,
@@ -103,6 +118,7 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
         "bytes_per_response_token": payload / int(roll.response_mask.sum()),
         "bytes_per_sequence_token": payload / roll.input_ids.numel(),
         "bridge_bytes_per_token": pairs * (rank or 8) * 4,
+        "sends_bridge_coordinates": bool(projection),
         "topk_bytes_per_token": TOP_K * 8,
         "teacher_params": None if module.pair.remote else sum(p.numel() for p in module.pair.teacher.parameters()),
         "student_params": sum(p.numel() for p in module.student.parameters()),
