@@ -56,15 +56,15 @@ MOVED: dict[str, str] = {
 """Model settings of the flat layout before the groups -> where each is now (under `model.`)."""
 
 
-def moved_message(old: str, where: str) -> str:
-    """The one-line error for a setting of the flat layout: `old` is its key under `model.` (dotted deeper if given);
-    `where` names the place (`--` for a flag, where the new key is a flag too)."""
+def moved_message(old: str, where: str = "", flag: bool = False) -> str:
+    """The one-line error for a setting of the flat layout: `old` is its key under `model.` (dotted deeper if given),
+    `where` the place it was found (`--config my.yaml: `), `flag` whether it was a flag (then the new key is one)."""
     head, _, rest = old.partition(".")
     new = MOVED[head] + (f".{rest}" if rest else "")
-    prefix = "--" if where == "--" else ""
+    dashes = "--" if flag else ""
     return (
-        f"{where if where != '--' else ''}{prefix}model.{old} is now {prefix}model.{new}: the model's settings are "
-        "grouped (objective, eval, guard, teacher_placement, next to rollout and optim)."
+        f"{where}{dashes}model.{old} is now {dashes}model.{new}: the model's settings are grouped (objective, eval, "
+        "guard, teacher_placement, next to rollout and optim)."
     )
 
 
@@ -121,7 +121,7 @@ def typed_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
     """
     moved = [key for key in args if key in MOVED]
     if moved:
-        raise ValueError(moved_message(moved[0], ""))
+        raise ValueError(moved_message(moved[0]))
     typed = dict(args)
     for name, cls in MODEL_CONFIGS.items():
         if typed.get(name) is not None:

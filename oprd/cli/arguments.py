@@ -118,4 +118,4 @@ def check_moved_flags(argv: list[str]) -> None:
     for token in argv:
         key = token.removeprefix("--model.").partition("=")[0]
         if token.startswith("--model.") and key.partition(".")[0] in MOVED:
-            raise ValueError(moved_message(key, "--"))
+            raise ValueError(moved_message(key, flag=True))

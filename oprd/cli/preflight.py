@@ -59,7 +59,7 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
     if moved:
         raise ValueError(
             f"--ckpt_path {ckpt_path} was written by an earlier oprd, whose model settings were not grouped "
-            f"({moved_message(moved[0], '')}). Resume or evaluate it with the version that wrote it; `oprd export` "
+            f"({moved_message(moved[0])}). Resume or evaluate it with the version that wrote it; `oprd export` "
             "still reads its student."
         )
 
