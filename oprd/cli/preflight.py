@@ -81,7 +81,8 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
     taken = []
     for key in FIXED_BY_CHECKPOINT:
         was, now = _get(saved, key), _get(given, key)
-        if was is None or _canonical(key, now) == _canonical(key, was):
+        now = _default(key) if now is MISSING else now
+        if was is MISSING or _canonical(key, now) == _canonical(key, was):
             continue
         if _chosen_by_the_checkpoint(now, was):
             taken.append(key)  # its layers were chosen by importance when the checkpoint's run started
@@ -97,13 +98,17 @@ def taken_from_checkpoint(given: dict[str, Any], saved: dict[str, Any], ckpt_pat
     return taken
 
 
+MISSING = object()
+"""What `_get` returns for a setting a checkpoint does not hold (a setting it holds may be None)."""
+
+
 def _get(settings: dict[str, Any] | None, key: str) -> Any:
-    """`settings["objective"]["layer_map"]` for `objective.layer_map` (None where a level is missing)."""
+    """`settings["objective"]["layer_map"]` for `objective.layer_map`; `MISSING` where a level is missing."""
     for part in key.split("."):
         settings = to_plain(settings)
-        if not isinstance(settings, dict):
-            return None
-        settings = settings.get(part)
+        if not isinstance(settings, dict) or part not in settings:
+            return MISSING
+        settings = settings[part]
     return to_plain(settings)
 
 
@@ -135,7 +140,7 @@ def check_stateful_settings(given: dict[str, Any], saved: dict[str, Any], ckpt_p
     """
     for (key, value), state in STATEFUL_SETTINGS.items():
         was, now = _get(saved, key), _get(given, key)
-        if was is None or now is None or (was == value) == (now == value):
+        if was in (None, MISSING) or now in (None, MISSING) or (was == value) == (now == value):
             continue
         flag = f"--model.{key}"
         fix = f"{flag} {was}" if was == value else f"{flag} {was} (the checkpoint's)"
@@ -146,6 +151,7 @@ def check_stateful_settings(given: dict[str, Any], saved: dict[str, Any], ckpt_p
 
 
 def _canonical(key: str, value: Any) -> str:
+    value = None if value is MISSING else value
     if key in ("teacher", "student") and value is not None:
         value = to_plain(from_plain(ModelSpec, value))
     return json.dumps(value, sort_keys=True, default=str)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from oprd.cli import main
+from oprd.cli.preflight import taken_from_checkpoint
 from oprd.data import read_jsonl
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
@@ -281,3 +282,15 @@ def test_a_setting_of_the_flat_layout_is_named_with_its_new_key(where, message, 
     assert message.format(config=config, ckpt=ckpt) in line
     if where == "checkpoint":
         assert "model.shard_teacher is now model.teacher_placement.shard" in line
+
+
+def test_what_a_checkpoint_fixes_is_read_through_the_groups():
+    saved = {"tokenizer": None, "objective": {"layer_map": "last", "projector": "linear"}}
+    # Left at their defaults, the run takes the checkpoint's layer map (a nested setting) and tokenizer.
+    given = {"tokenizer": None, "objective": {"layer_map": "uniform", "projector": "linear"}}
+    assert taken_from_checkpoint(given, saved, "a.ckpt") == ["objective.layer_map"]
+    # A setting the checkpoint holds as None is still one it fixes.
+    with pytest.raises(ValueError, match="was trained with model.tokenizer = null, but this run sets 'tiny'"):
+        taken_from_checkpoint({**given, "tokenizer": "tiny"}, saved, "a.ckpt")
+    with pytest.raises(ValueError, match="model.objective.projector = 'linear', but this run sets 'bridge'"):
+        taken_from_checkpoint({**given, "objective": {"projector": "bridge"}}, saved, "a.ckpt")
