@@ -60,7 +60,8 @@ class ObjectiveConfig:
     """What the student is trained against (`model.objective`; see `Objective`)."""
 
     layer_map: LayerMapSpec = "uniform"
-    """`uniform`, `all`, `last`, `norm`, `pruned`, or explicit `[[student, teacher], ...]` pairs."""
+    """`uniform`, `all`, `last`, `norm`, `pruned`, `pruned_norm` (`oprd.objective.layer_map`), or explicit
+    `[[student, teacher], ...]` pairs."""
     projector: Projector = "linear"
     """`linear` (a trained `Linear(d_S, d_T)` per pair, identity for equal widths), `bridge` (OPRD-Bridge: a frozen
     rank-r PCA basis of the teacher's states, calibrated; for different widths) or `select` (no parameters: each
