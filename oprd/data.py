@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = ("arithmetic", "arithmetic-large", "arithmetic-rephrased")
+BUILTIN_SOURCES = ("arithmetic", "arithmetic-large", "arithmetic-rephrased", "arithmetic-wide")
 TRAINING_RANGE = (1, 20)
 """The operands of the built-in `arithmetic` task (both splits): the demo teacher was fine-tuned on these."""
 LARGE_RANGE = (21, 40)
@@ -87,6 +87,15 @@ def rephrased_examples(split: str = "train", seed: int = 0, num_val: int = 100) 
     ]
 
 
+def wide_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
+    """Sums over both ranges for training: the training splits of `arithmetic` and `arithmetic-large`, each with its
+    reference answer; held out, `arithmetic`'s held-out split. Neither split shares a pair with the held-out splits of
+    `arithmetic-large` or `arithmetic-rephrased`, and no prompt is in another phrasing."""
+    if split == "val":
+        return arithmetic_examples("val", seed=seed, num_val=num_val)
+    return arithmetic_examples(split, seed=seed, num_val=num_val) + large_examples(split, seed=seed, num_val=num_val)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read `{"prompt": ..., "answer": ...}` lines, with errors that name the file and line number."""
     path = Path(path)
@@ -139,6 +148,8 @@ def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int 
         return large_examples(split, seed=seed, num_val=num_val)
     if source == "arithmetic-rephrased":
         return rephrased_examples(split, seed=seed, num_val=num_val)
+    if source == "arithmetic-wide":
+        return wide_examples(split, seed=seed, num_val=num_val)
     path = Path(source)
     if path.is_dir():
         return _load_hf_folder(path, split)

@@ -101,6 +101,20 @@ def test_the_other_sets_ask_pairs_of_their_own_never_the_training_or_held_out_sp
     assert [_pair(x) for x in rephrased] == [_pair(x) for x in load_prompts("arithmetic-large", "val", seed, num_val)]
 
 
+@pytest.mark.parametrize("seed,num_val", [(0, 100), (3, 100)])
+def test_the_wide_task_trains_on_both_ranges_and_holds_out_what_the_other_sets_ask(seed, num_val):
+    train = load_prompts("arithmetic-wide", "train", seed=seed, num_val=num_val)
+    assert train == arithmetic_examples("train", seed, num_val) + load_prompts(
+        "arithmetic-large", "train", seed, num_val
+    )
+    assert all(item["prompt"].startswith("What is ") and item["response"] for item in train)  # the training phrasing
+    held_out = {
+        _pair(x) for source in ("arithmetic-large", "arithmetic-rephrased") for x in load_prompts(source, "val", seed)
+    }
+    assert not {_pair(x) for x in train} & held_out
+    assert load_prompts("arithmetic-wide", "val", seed, num_val) == arithmetic_examples("val", seed, num_val)
+
+
 def _pair(item: dict) -> tuple[int, int]:
     a, b = re.findall(r"\d+", item["prompt"])
     return int(a), int(b)
