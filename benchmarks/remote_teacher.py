@@ -42,10 +42,8 @@ from benchmarks.common import (
     ratio,
     write_json,
 )
-from oprd.losses.hidden import basis_coordinates
-from oprd.models.capture import NORM
 from oprd.objective.bridge import BridgeProjectors
-from oprd.parallel.remote import first_read_position, shipped
+from oprd.parallel.remote import first_read_position, replica_payload
 
 NAME = "remote_teacher"
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,18 +94,11 @@ def child(config: str, replicas: int, steps: int, threads: int) -> dict:
     objective, start = module.objective, first_read_position(roll)
     states = module.pair.teacher_states(roll, objective.points("teacher"))
     states = {point: state.cpu() for point, state in states.items()}
-    # What a replica sends (`TeacherReplica.states`): the states from the last prompt position on, and with a
-    # calibrated Bridge each pair's coordinates in its basis instead of that pair's states.
+    # What a replica sends: the states from the last prompt position on, and with a calibrated Bridge each pair's
+    # coordinates in its basis instead of that pair's states.
     projection = objective.teacher_projection() or {}
-    coordinates = {
-        label: basis_coordinates(states[point], mean.cpu(), basis.cpu())
-        for label, (point, mean, basis) in projection.items()
-    }
-    if projection:
-        whole = [NORM] if objective.needs_head else []  # the final normed state, for a token term's logits
-    else:
-        whole = list(states)
-    sent = shipped({point: states[point] for point in whole}, start), shipped(coordinates, start)
+    projection = {label: (point, mean.cpu(), basis.cpu()) for label, (point, mean, basis) in projection.items()}
+    sent = replica_payload(states, objective.sent_whole(projection), start, projection)
     payload = len(pickle.dumps(sent))
     pairs = len(objective.projectors.pairs)
     rank = objective.projectors.config.rank if isinstance(objective.projectors, BridgeProjectors) else None

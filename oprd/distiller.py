@@ -174,8 +174,7 @@ class Distiller:
         objective, targets = self.objective, None
         projection = objective.teacher_projection() if teacher is None and self.pair.remote else None
         if projection:  # a remote teacher sends the Bridge's r coordinates per token and pair, not its d_t states
-            head = [NORM] if objective.needs_head else []
-            teacher, targets = self.pair.projected_teacher_states(roll, head, projection)
+            teacher, targets = self.pair.projected_teacher_states(roll, objective.sent_whole(projection), projection)
         elif teacher is None:
             teacher = self.pair.teacher_states(roll, objective.points("teacher"))
         gap = roll.logprobs is not None  # the engine reports its log-probs: check it samples this policy

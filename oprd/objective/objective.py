@@ -256,6 +256,11 @@ class Objective(nn.Module):
             return None
         return projection()
 
+    def sent_whole(self, projection: dict | None) -> list[Point]:
+        """The teacher points a remote teacher sends as whole states: with the Bridge's `projection`, only the final
+        normed state a token term reads (the pairs travel as coordinates); without one, every teacher point."""
+        return ([NORM] if self.needs_head else []) if projection else self.points("teacher")
+
     def points(self, who: Literal["student", "teacher"], head: bool | None = None) -> list[Point]:
         """The capture points `who`'s pass must produce; `head` (default: `needs_head`) adds the final normed state."""
         side = 0 if who == "student" else 1

@@ -149,10 +149,7 @@ class TeacherReplica:
         projection = projection or {}
         wanted = list(dict.fromkeys([*points, *(point for point, _, _ in projection.values())]))
         states = hidden_states(self.model, wanted, self.layers_path, input_ids, attention_mask)
-        coordinates = {
-            label: basis_coordinates(states[p], mean, basis) for label, (p, mean, basis) in projection.items()
-        }
-        return shipped({p: states[p] for p in points}, start), shipped(coordinates, start)
+        return replica_payload(states, points, start, projection)
 
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The LM head's `(weight [v, d], bias [v] or None)`."""
@@ -169,6 +166,15 @@ def first_read_position(roll: Rollout) -> int:
     """The first position any term reads: the last prompt position, whose output predicts the first response token
     (prompts are left-padded to one width, so responses start at the same column in every row)."""
     return max(roll.prompt_length - 1, 0)
+
+
+def replica_payload(
+    states: dict[Point, Tensor], points: Sequence[Point], start: int, projection: Projection
+) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
+    """What a replica sends for the teacher's `states`: those at `points`, and per `projection` label the coordinates
+    of its teacher state in the Bridge's basis, each from position `start` on."""
+    coordinates = {label: basis_coordinates(states[p], mean, basis) for label, (p, mean, basis) in projection.items()}
+    return shipped({p: states[p] for p in points}, start), shipped(coordinates, start)
 
 
 def shipped(states: dict[Point, Tensor], start: int) -> dict[Point, Tensor]:
