@@ -76,29 +76,24 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
 
 
 def tiny_llama(layers: int = 3, width: int = 32, vocab: int = 384, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return _tiny(LlamaForCausalLM, LlamaConfig, layers, width, vocab, seed)
 
 
 def tiny_qwen3(layers: int = 3, width: int = 32, vocab: int = 384, seed: int = 0) -> Qwen3ForCausalLM:
+    return _tiny(Qwen3ForCausalLM, Qwen3Config, layers, width, vocab, seed, head_dim=8)
+
+
+def _tiny(model_class, config_class, layers: int, width: int, vocab: int, seed: int, **extra):
+    """A seeded random model of `layers` x `width` (4 query heads, 2 key/value heads) in eval mode."""
     torch.manual_seed(seed)
-    config = Qwen3Config(
+    config = config_class(
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
         vocab_size=vocab,
         max_position_embeddings=256,
+        **extra,
     )
-    return Qwen3ForCausalLM(config).eval()
+    return model_class(config).eval()
