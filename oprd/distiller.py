@@ -22,7 +22,7 @@ from oprd.objective.calibration import calibrate_projectors
 from oprd.objective.objective import LossTerms, Objective, ObjectiveConfig
 from oprd.pair import ModelPair, PairConfigs, choose_student_layers
 from oprd.parallel.placement import TeacherPlacement
-from oprd.parallel.sharding import freeze_unreached
+from oprd.parallel.sharding import configure_sharding, freeze_unreached
 from oprd.rollout.engine import get_engine
 from oprd.rollout.mixing import check_responses, coin_seed, is_on_policy
 from oprd.rollout.sampling import Rollout, RolloutConfig, eos_ids, rollout_from_responses
@@ -118,6 +118,12 @@ class Distiller:
     @property
     def student(self) -> nn.Module:
         return self.pair.student
+
+    def shard(self, strategy, shard_teacher: bool = False) -> None:
+        """Shard the student and projectors under `fsdp2`, and the teacher too on request (`configure_sharding`)."""
+        student, objective, layers = self.student, self.objective, self.pair.layers_paths
+        keep_head = objective.needs_head
+        configure_sharding(strategy, student, objective, self.pair.teacher, layers, shard_teacher, keep_head=keep_head)
 
     # ---- responses --------------------------------------------------------------------------------------------
 

@@ -7,10 +7,7 @@ The work is the `oprd.distiller.Distiller`'s (responses, states, objective, cali
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,13 +21,14 @@ from oprd.models.lora import frozen_base_keys
 from oprd.models.spec import ModelSpec
 from oprd.objective.objective import ObjectiveConfig
 from oprd.parallel.placement import TeacherPlacement
-from oprd.parallel.remote import TeacherUnavailable
-from oprd.parallel.sharding import configure_sharding, synced_generation
+from oprd.parallel.remote import saved_if_teacher_lost
+from oprd.parallel.sharding import synced_generation
 from oprd.rollout.sampling import RolloutConfig, rollout_seed
 from oprd.training.checkpoint import check_state_shapes
 from oprd.training.guard import GuardConfig, NonFiniteGuard
 from oprd.training.optim import OptimConfig, build_optimizer, retune_saved_optimizer, scale_gradients
 from oprd.training.throughput import StepMeter
+from oprd.training.weight_sync import WeightSync
 
 
 class DistillModule(L.LightningModule):
@@ -89,15 +87,20 @@ class DistillModule(L.LightningModule):
         self.pair, self.student, self.objective = self.distiller.pair, self.distiller.student, self.distiller.objective
         guard = args["guard"]
         self.guard = NonFiniteGuard(guard.nonfinite, guard.max_skips, guard.keep_last_good)
-        self.meter, self._step_tokens, self._synced_step, self._update_tokens = StepMeter(), torch.zeros(()), 0, 0
+        self.meter, self.weight_sync = StepMeter(), WeightSync(self.pair)
+        self._step_tokens = torch.zeros(())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The gradient check before each optimizer step, the step's throughput, the rollout engine's weight copy.
+        return [self.guard, self.meter, self.weight_sync]
 
     # ---- the step -------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> Tensor | None:
         seed = rollout_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        with self._saved_if_teacher_lost():
+        with saved_if_teacher_lost(self.trainer):
             roll, on_policy, lmbda = self.distiller.step_responses(batch, self.global_step, seed)
-            self.meter.rollout_done(int(roll.response_mask.sum()))
+            self.meter.rollout_done(int(roll.response_mask.sum()), int(roll.attention_mask.sum()))
             terms = self.distiller.distill(roll)
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
@@ -110,19 +113,8 @@ class DistillModule(L.LightningModule):
             metrics["train/on_policy"], metrics["train/lmbda"] = float(on_policy), lmbda
         self.log_dict(metrics, batch_size=len(roll.input_ids))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(roll.input_ids))
-        self._update_tokens = int(roll.attention_mask.sum())
         # A sum over tokens: `on_before_optimizer_step` divides by the whole step's token count.
         return terms.loss
-
-    @contextlib.contextmanager
-    def _saved_if_teacher_lost(self) -> Iterator[None]:
-        """A remote teacher with no replica left: save the run as it stands before this step, then stop."""
-        try:
-            yield
-        except TeacherUnavailable as err:
-            path = Path(self.trainer.default_root_dir) / f"teacher-lost-step{self.global_step}.ckpt"
-            self.trainer.save_checkpoint(path, weights_only=False)
-            raise TeacherUnavailable(f"{err} The run before step {self.global_step} is saved in {path}.") from err
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Exact global normalisation: micro-batches returned sums; Lightning divided them by the accumulation
@@ -130,8 +122,6 @@ class DistillModule(L.LightningModule):
         total = self.trainer.strategy.reduce(self._step_tokens.float(), reduce_op="sum")
         scale_gradients(optimizer, self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp_min(1))
         self._step_tokens = torch.zeros((), device=self._step_tokens.device)
-        if self.guard.check_grads(self.trainer, self.named_parameters(), optimizer):
-            self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
 
     # ---- around the step ------------------------------------------------------------------------------------
 
@@ -153,21 +143,6 @@ class DistillModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         return metrics
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.meter.start(self.device)
-        self._update_tokens = 0
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Runs after the backward and (when this micro-batch ends a step) the optimizer step: the update's full time.
-        metrics = self.meter.finish(self._update_tokens)
-        if metrics and self._update_tokens:
-            self.log_dict(metrics, batch_size=1)
-        if self.trainer.global_step != self._synced_step:  # an optimizer step happened: engines with a weight copy
-            self._synced_step = self.trainer.global_step
-            self.pair.engine.sync_weights(self.student, self._synced_step)
-            if self.pair.engine.sync_s is not None:
-                self.log("train/weight_sync_s", self.pair.engine.sync_s, batch_size=1)
 
     # ---- evaluation -----------------------------------------------------------------------------------------
 
@@ -200,11 +175,7 @@ class DistillModule(L.LightningModule):
     def configure_model(self) -> None:
         trainer = _attached_trainer(self)  # `load_from_checkpoint` calls this hook too: one process shards nothing
         if trainer is not None:
-            keep_head, layers = self.objective.needs_head, self.pair.layers_paths
-            shard = self.placement.shard
-            configure_sharding(
-                trainer.strategy, self.student, self.objective, self.pair.teacher, layers, shard, keep_head=keep_head
-            )
+            self.distiller.shard(trainer.strategy, self.placement.shard)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.pair.engine.on_save_checkpoint(self.student)  # a run resumed from here starts its engine on these weights

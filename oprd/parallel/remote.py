@@ -30,14 +30,16 @@ Ray is an optional dependency (`pip install 'oprd[ray]'`), imported only when a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -88,6 +90,18 @@ class RemoteTeacherConfig:
 
 class TeacherUnavailable(ConnectionError):
     """No replica of the remote teacher is left (or none could be reached)."""
+
+
+@contextlib.contextmanager
+def saved_if_teacher_lost(trainer) -> Iterator[None]:
+    """A remote teacher with no replica left: save the run as it stands before this step, then stop."""
+    try:
+        yield
+    except TeacherUnavailable as err:
+        step = trainer.global_step
+        path = Path(trainer.default_root_dir) / f"teacher-lost-step{step}.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)
+        raise TeacherUnavailable(f"{err} The run before step {step} is saved in {path}.") from err
 
 
 def fingerprint(spec: ModelSpec, config) -> str:

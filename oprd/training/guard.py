@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 NonFinite = Literal["stop", "skip"]
@@ -76,8 +77,9 @@ class GuardConfig:
             raise ValueError(f"max_skips must be >= 1, got {self.max_skips}.")
 
 
-class NonFiniteGuard:
-    """What a run does when a loss or gradient is NaN or infinite.
+class NonFiniteGuard(Callback):
+    """What a run does when a loss or gradient is NaN or infinite: the training step asks it about the loss
+    (`check_loss`); as a callback it checks the gradients before each optimizer step.
 
     A loss goes non-finite because the previous update broke the weights (a learning rate too high, say): by then the
     current weights are already bad. So after every step whose loss and gradients were finite, and before its update,
@@ -98,6 +100,10 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self._good: list[tuple[nn.Parameter, Tensor]] | None = None
         self._step_finite = True  # every micro-batch of this optimizer step had a finite loss
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.check_grads(trainer, pl_module.named_parameters(), optimizer):
+            pl_module.log("train/skipped_steps", float(self.skipped), batch_size=1)
 
     def check_loss(self, trainer, terms: Mapping[str, Tensor]) -> bool:
         """A micro-batch's loss terms: True when one is non-finite on any rank (the caller drops the micro-batch)."""

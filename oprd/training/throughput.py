@@ -10,7 +10,7 @@
 * `train/peak_rss_gb` (CPU): the process's peak resident set size so far (`getrusage`; the OS cannot reset it, so
   it is a running maximum, not a per-step figure).
 
-Each rank measures its own; the logger records rank 0's.
+Each rank measures its own; the logger records rank 0's. A micro-batch that was skipped (non-finite) logs nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from oprd.training.memory import UpdateMemory
 
@@ -39,8 +40,9 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return {"train/peak_rss_gb": peak / (2**30 if sys.platform == "darwin" else 2**20)}
 
 
-class StepMeter:
-    """Times one micro-batch in two phases: rollout, then update (see the module docstring for the metrics).
+class StepMeter(Callback):
+    """Times one micro-batch in two phases: rollout, then update (see the module docstring for the metrics); as a
+    callback, from the micro-batch's start to its end, the training step marking the rollout's end (`rollout_done`).
 
     Attributes:
         memory: measures the update's memory when set (`begin` once the rollout is done, `end` when the micro-batch
@@ -51,19 +53,30 @@ class StepMeter:
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.started = self.rollout_end = None
-        self.rollout_tokens = 0
+        self.rollout_tokens = self.sequence_tokens = 0
         self.memory: UpdateMemory | None = None
         self.last: dict[str, float] = {}
         self._rollout_peak = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.start(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # After the backward and (when this micro-batch ends a step) the optimizer step: the update's full time.
+        metrics = self.finish(self.sequence_tokens)
+        if metrics and outputs:  # no outputs: the training step skipped the micro-batch
+            pl_module.log_dict(metrics, batch_size=1)
 
     def start(self, device: torch.device) -> None:
         self.device = device
         reset_peak_memory(device)
         self.started, self.rollout_end, self.rollout_tokens = time.perf_counter(), None, 0
 
-    def rollout_done(self, response_tokens: int) -> None:
+    def rollout_done(self, response_tokens: int, sequence_tokens: int) -> None:
+        """The rollout ended: `response_tokens` were sampled; the update will read `sequence_tokens`."""
         self._sync()
         self.rollout_end, self.rollout_tokens = time.perf_counter(), response_tokens
+        self.sequence_tokens = sequence_tokens
         if self.memory is not None:
             if self.device.type == "cuda":  # the probe resets the peak counter: keep the rollout's for the absolute
                 self._rollout_peak = torch.cuda.max_memory_allocated(self.device)
