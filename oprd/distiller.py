@@ -178,13 +178,15 @@ class Distiller:
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
         the objective."""
         objective, targets = self.objective, None
-        projection = objective.teacher_projection() if teacher is None and self.pair.remote else None
-        if projection:  # a remote teacher sends the Bridge's r coordinates per token and pair, not its d_t states
-            teacher, targets = self.pair.projected_teacher_states(roll, objective.sent_whole(projection), projection)
-        elif teacher is None:
-            teacher = self.pair.teacher_states(roll, objective.points("teacher"))
+        if teacher is None:  # a remote teacher works on this request while the student's forward runs here
+            # With a calibrated Bridge, a remote teacher sends its r coordinates per token and pair, not its d_t states.
+            projection = objective.teacher_projection() if self.pair.remote else None
+            answer = self.pair.request_teacher_states(roll, objective.sent_whole(projection), projection)
         gap = roll.logprobs is not None  # the engine reports its log-probs: check it samples this policy
         student = self.pair.student_states(roll, objective.points("student", objective.needs_head or gap))
+        if teacher is None:
+            teacher, targets = answer()
+            targets = targets or None
         heads = self.pair.heads() if objective.needs_head or gap else None
         terms = objective(student, teacher, roll, heads if objective.needs_head else None, targets=targets)
         if gap:

@@ -13,6 +13,7 @@ the rollout engine), hidden states at capture points, and the output heads.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,9 +159,21 @@ class ModelPair:
     ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
         """A remote teacher's states at `points` and, per pair label of `projection`, its state's coordinates in the
         Bridge's basis, computed on the replica (`RemoteTeacher.projected_states`)."""
-        if not self.remote:
+        return self.request_teacher_states(roll, points, projection)()
+
+    @torch.no_grad()
+    def request_teacher_states(
+        self, roll: Rollout, points: list[Point], projection: dict[str, tuple[Point, Tensor, Tensor]] | None = None
+    ) -> Callable[[], tuple[dict[Point, Tensor], dict[str, Tensor]]]:
+        """The teacher's states at `points` (and with a `projection`, a remote teacher's Bridge coordinates per pair
+        label), as a function that returns them. A remote teacher's request leaves now and the function waits for
+        it, so the student's forward runs meanwhile; an in-process teacher computes them now."""
+        if self.remote:
+            return self.frozen_teacher.request_states(roll, points, projection or {}, self.device)
+        if projection:
             raise ValueError("Only a remote teacher projects its own states; an in-process one hands them over whole.")
-        return self.frozen_teacher.projected_states(roll, points, projection, self.device)
+        states = self.teacher_states(roll, points)
+        return lambda: (states, {})
 
     def student_states(self, roll: Rollout, points: list[Point]) -> dict[Point, Tensor]:
         """The student's states `[b, t, d]` at `points` (with gradient when enabled)."""

@@ -37,9 +37,10 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -335,12 +336,24 @@ class RemoteTeacher:
         self, roll: Rollout, points: Sequence[Point], projection: Projection, device: torch.device
     ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
         """The teacher's states at `points` and the Bridge's targets per pair label (`projection`), on `device`."""
+        return self.request_states(roll, points, projection, device)()
+
+    def request_states(
+        self, roll: Rollout, points: Sequence[Point], projection: Projection, device: torch.device
+    ) -> Callable[[], tuple[dict[Point, Tensor], dict[str, Tensor]]]:
+        """`projected_states`, sent now and waited for when the returned function is called: the trainer runs the
+        student's forward while a replica runs the teacher's."""
         ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
-        states, targets = self._call("states", ids, mask, list(points), start, projection)
-        return (
-            {point: restored(state, start).to(device) for point, state in states.items()},
-            {label: restored(target, start).to(device) for label, target in targets.items()},
-        )
+        answer = self._request("states", ids, mask, list(points), start, projection)
+
+        def received() -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
+            states, targets = answer()
+            return (
+                {point: restored(state, start).to(device) for point, state in states.items()},
+                {label: restored(target, start).to(device) for label, target in targets.items()},
+            )
+
+        return received
 
     def generate(
         self,
@@ -366,20 +379,31 @@ class RemoteTeacher:
 
     def _call(self, method: str, *args):
         """`method(*args)` on the next live replica; a lost replica is dropped and the request goes to the next."""
+        return self._request(method, *args)()
+
+    def _request(self, method: str, *args) -> Callable[[], Any]:
+        """Send `method(*args)` to the next live replica now; returns the function that waits for the answer. A
+        replica lost on the way is dropped and the request sent again, to the next one."""
         ray = _ray()
-        lost = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
-        while self.replicas:
-            name, handle = self.replicas[self._next % len(self.replicas)]
-            self._next += 1
+        if not self.replicas:
+            raise TeacherUnavailable(
+                f"Every replica of teacher {self.settings.name!r} at {self.address!r} is lost; restart them (or the "
+                "cluster) and resume with --ckpt_path last."
+            )
+        name, handle = self.replicas[self._next % len(self.replicas)]
+        self._next += 1
+        sent = getattr(handle, method).remote(*args)
+
+        def answer():
             try:
-                return ray.get(getattr(handle, method).remote(*args), timeout=self.settings.timeout_s)
-            except lost as err:
-                self.replicas.remove((name, handle))
+                return ray.get(sent, timeout=self.settings.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                if (name, handle) in self.replicas:  # another request may have found it lost first
+                    self.replicas.remove((name, handle))
                 log.warning(
                     "Teacher replica %s at %s is lost (%s); %d left, retrying there.",
                     name, self.address, type(err).__name__, len(self.replicas),
                 )  # fmt: skip
-        raise TeacherUnavailable(
-            f"Every replica of teacher {self.settings.name!r} at {self.address!r} is lost; restart them (or the "
-            "cluster) and resume with --ckpt_path last."
-        )
+                return self._request(method, *args)()
+
+        return answer
