@@ -1,8 +1,8 @@
 """Prompt data: JSONL files, local Hugging Face `datasets` folders and the built-in arithmetic task.
 
-Items are plain dicts `{"prompt": str, "answer": str | None}`; batches are dicts of lists. Tokenisation (with the
-tokenizer's chat template) happens in `format_prompts`, called by the LightningModule, because the tokenizer
-belongs to the models, not to the data.
+Items are plain dicts `{"prompt": str, "answer": str | None, "response": str | None}`, with `teacher` when the item
+names one (`model.teachers`); batches are dicts of lists. Tokenisation (with the tokenizer's chat template) happens in
+`format_prompts`, called by the LightningModule, because the tokenizer belongs to the models, not to the data.
 """
 
 from __future__ import annotations
@@ -134,10 +134,15 @@ def _check_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     prompt = item.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f'{where}: missing a non-empty "prompt" string (keys found: {sorted(item)}).')
-    answer, response = item.get("answer"), item.get("response")
+    answer, response, teacher = item.get("answer"), item.get("response"), item.get("teacher")
     if response is not None and not isinstance(response, str):
         raise ValueError(f'{where}: "response" must be a string (a reference answer for off-policy steps).')
-    return {"prompt": prompt, "answer": None if answer is None else str(answer), "response": response}
+    if teacher is not None and not isinstance(teacher, str):
+        raise ValueError(f'{where}: "teacher" must be a string naming one of model.teachers (or absent).')
+    item = {"prompt": prompt, "answer": None if answer is None else str(answer), "response": response}
+    if teacher:  # which teacher the prompt learns from (`model.teachers`); absent: `model.teacher`
+        item["teacher"] = teacher
+    return item
 
 
 def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
@@ -176,7 +181,9 @@ def _load_hf_folder(path: Path, split: str) -> list[dict[str, Any]]:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, list]:
-    return {key: [item.get(key) for item in items] for key in ("prompt", "answer", "response")}
+    """A batch as lists; `teacher` only when some item names one (`model.teachers`)."""
+    keys = ("prompt", "answer", "response", *(("teacher",) if any(item.get("teacher") for item in items) else ()))
+    return {key: [item.get(key) for item in items] for key in keys}
 
 
 def format_prompts(tokenizer, prompts: list[str], max_length: int | None = None, truncate: bool = True):

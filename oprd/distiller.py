@@ -1,15 +1,17 @@
 """Distiller: on-policy representation distillation without Lightning.
 
 It holds the pair, the objective and the settings, and does a step's work: the responses (on- or off-policy), both
-models' states, the objective's terms, the calibration of the Bridge or `select`. Held-out scoring
-(`oprd.evaluation.scoring`), compare's probe and the report take a Distiller; `DistillModule` is the Lightning glue
-around one (hooks, logging, optimizer). Everything a step calls goes down from here, never back up.
+models' states, the objective's terms, the calibration of the Bridge or `select`. Several teachers (`model.teachers`)
+are one Distiller each over the same student, held by the first, which routes each prompt to its own (`route`).
+Held-out scoring (`oprd.evaluation.scoring`), compare's probe and the report take a Distiller; `DistillModule` is the
+Lightning glue around one (hooks, logging, optimizer). Everything a step calls goes down from here, never back up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,15 +21,35 @@ from torch import Tensor, nn
 from oprd.models.capture import NORM, Point
 from oprd.models.spec import ModelSpec
 from oprd.objective.calibration import calibrate_projectors
+from oprd.objective.layer_map import LayerMapSpec
 from oprd.objective.objective import LossTerms, Objective, ObjectiveConfig
 from oprd.pair import ModelPair, PairConfigs, choose_student_layers
 from oprd.parallel.placement import TeacherPlacement
+from oprd.parallel.remote import RemoteTeacherConfig
 from oprd.parallel.sharding import configure_sharding, freeze_unreached
 from oprd.rollout.engine import get_engine
 from oprd.rollout.mixing import check_responses, coin_seed, is_on_policy
 from oprd.rollout.sampling import Rollout, RolloutConfig, eos_ids, rollout_from_responses
 
 Responder = Literal["student", "teacher"]
+
+DEFAULT_TEACHER = "default"
+"""`model.teacher`'s name beside `model.teachers`: prompts with no `teacher` column (or naming it) learn from it."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One more teacher (`model.teachers.<name>`): the prompts whose `teacher` column holds `<name>` learn from it,
+    through their own layer map and projectors (checkpointed as `teacher_objectives.<name>.*`); the objective's other
+    settings are `model.objective`'s."""
+
+    model: ModelSpec
+    """Where the teacher comes from, as `model.teacher` says it (`{path: ...}`); the student's tokenizer must fit it."""
+    layer_map: LayerMapSpec | None = None
+    """Its layer map (`model.objective.layer_map`'s values); None: `model.objective.layer_map`."""
+    placement: TeacherPlacement = TeacherPlacement()
+    """Where it runs, as `model.teacher_placement` says it (a remote one's replicas default to the actor name
+    `oprd-teacher-<name>`)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,9 @@ class Distiller:
         rollout: how the student samples during training (and the on-policy fraction).
         evaluation: how held-out prompts are answered.
         seed: base seed of the rollouts, the on/off-policy coins and the calibration rollouts.
+        others: more teachers by name (`model.teachers`), each a Distiller over the same student: `route` sends each
+            prompt to its own.
+        freeze: freeze what no objective reaches (the Distillers in `others` leave it to this one).
 
     Attributes:
         lockstep: whether `generate` must keep the ranks in lock-step for a model (`synced_gpus`); a trainer that
@@ -74,16 +99,37 @@ class Distiller:
     """
 
     def __init__(
-        self, pair: ModelPair, objective: Objective, rollout: RolloutConfig, evaluation: EvalConfig, seed: int = 0
+        self,
+        pair: ModelPair,
+        objective: Objective,
+        rollout: RolloutConfig,
+        evaluation: EvalConfig,
+        seed: int = 0,
+        others: Mapping[str, Distiller] | None = None,
+        freeze: bool = True,
     ) -> None:
         self.pair, self.objective, self.rollout, self.evaluation, self.seed = pair, objective, rollout, evaluation, seed
-        self.lockstep: Callable[[nn.Module], bool] = lambda model: False
+        self.others = dict(others or {})
+        self._lockstep: Callable[[nn.Module], bool] = lambda model: False
         # Projectors are float32 (bf16/fp16 states are compared in float32) unless the student is float64: then the
         # whole step stays float64, so two orders of the same computation can be compared far below float32 round-off.
         objective.projectors.to(torch.promote_types(next(self.student.parameters()).dtype, torch.float32))
-        points, layers = objective.points("student"), pair.layers_paths["student"]
-        self.frozen = freeze_unreached(self.student, points, layers, objective.needs_head)
+        objectives = [objective, *(other.objective for other in self.others.values())]
+        points = [point for each in objectives for point in each.points("student")]
+        needs_head = any(each.needs_head for each in objectives)
+        layers = pair.layers_paths["student"]
+        self.frozen = freeze_unreached(self.student, points, layers, needs_head) if freeze else []
         self.student_spec: ModelSpec | None = None
+
+    @property
+    def lockstep(self) -> Callable[[nn.Module], bool]:
+        return self._lockstep
+
+    @lockstep.setter
+    def lockstep(self, value: Callable[[nn.Module], bool]) -> None:
+        self._lockstep = value
+        for other in self.others.values():
+            other.lockstep = value
 
     @classmethod
     def build(
@@ -99,19 +145,50 @@ class Distiller:
         truncate_prompts: bool = True,
         placement: TeacherPlacement = TeacherPlacement(),
         seed: int = 0,
+        teachers: Mapping[str, TeacherConfig] | None = None,
     ) -> Distiller:
-        """Read and check both configs (a bad layer map, vocabulary or position limit fails before any weights
-        load), choose a depth-pruned student's layers, then load the pair. `student_spec` holds the spec with the
-        chosen layers."""
+        """Read and check every config (a bad layer map, vocabulary or position limit fails before any weights
+        load), choose a depth-pruned student's layers, then load the pair (and `teachers`, beside it on the same
+        student). `student_spec` holds the spec with the chosen layers."""
+        teachers = dict(teachers or {})
+        check_teachers(teachers, rollout)
         max_new_tokens = max(rollout.max_new_tokens, evaluation.max_new_tokens or 0)
         student = choose_student_layers(teacher, student, tokenizer, max_prompt_length, max_new_tokens)
-        configs = PairConfigs.read(teacher, student, tokenizer, max_prompt_length, max_new_tokens)
+        lengths = (max_prompt_length, max_new_tokens)
+        configs = PairConfigs.read(teacher, student, tokenizer, *lengths)
         built = Objective.from_config(
             objective, configs.student, configs.teacher, len(configs.tokenizer), configs.kept, seed
         )
+        more = {}
+        for name, entry in teachers.items():  # every teacher's configs and layer map, before any weights load
+            entry_configs = PairConfigs.read(entry.model, student, tokenizer, *lengths)
+            entry_objective = objective
+            if entry.layer_map is not None:
+                entry_objective = dataclasses.replace(objective, layer_map=entry.layer_map)
+            vocab = len(entry_configs.tokenizer)
+            try:
+                entry_built = Objective.from_config(
+                    entry_objective, entry_configs.student, entry_configs.teacher, vocab, entry_configs.kept, seed
+                )
+            except ValueError as err:
+                raise ValueError(f"model.teachers.{name}: {err}") from err
+            more[name] = (entry, entry_configs, entry_built)
         engine = get_engine(rollout.engine)
         pair = ModelPair(teacher, student, configs, placement, engine, max_prompt_length, truncate_prompts)
-        distiller = cls(pair, built, rollout, evaluation, seed)
+        others = {}
+        for name, (entry, entry_configs, entry_built) in more.items():
+            entry_pair = ModelPair(
+                entry.model,
+                student,
+                entry_configs,
+                _named_replicas(entry.placement, name),
+                engine,
+                max_prompt_length,
+                truncate_prompts,
+                student_model=pair.student,
+            )
+            others[name] = cls(entry_pair, entry_built, rollout, evaluation, seed, freeze=False)
+        distiller = cls(pair, built, rollout, evaluation, seed, others)
         distiller.student_spec = student
         return distiller
 
@@ -119,8 +196,45 @@ class Distiller:
     def student(self) -> nn.Module:
         return self.pair.student
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether some teacher's projectors (Bridge, select) are still to be calibrated."""
+        return any(each.objective.needs_calibration for each in (self, *self.others.values()))
+
+    def teacher(self, name: str | None) -> Distiller:
+        """The Distiller of teacher `name` (None or `default`: this one)."""
+        if name is None or name == DEFAULT_TEACHER:
+            return self
+        if name not in self.others:
+            has = f"model.teachers: {', '.join(self.others)}" if self.others else "model.teachers is not set"
+            raise ValueError(
+                f"A prompt's `teacher` column names {name!r}, which is not a teacher of this run ({has}; leave the "
+                "column out for model.teacher)."
+            )
+        return self.others[name]
+
+    def route(self, names: list[str | None] | None, count: int) -> list[tuple[str, Distiller, list[int]]]:
+        """`count` prompts grouped by their teacher (`names`: each prompt's `teacher` column; None: all
+        `model.teacher`'s): `(name, its Distiller, the prompts' indices)`, the teachers in order of first use."""
+        if names is None:
+            return [(DEFAULT_TEACHER, self, list(range(count)))]
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(names):
+            groups.setdefault(name or DEFAULT_TEACHER, []).append(index)
+        return [(name, self.teacher(name), indices) for name, indices in groups.items()]
+
+    def rest_teachers(self, device: torch.device) -> None:
+        """Every teacher where its placement keeps it between passes, beside a student on `device`."""
+        for distiller in (self, *self.others.values()):
+            distiller.pair.frozen_teacher.rest(device)
+
     def shard(self, strategy, shard_teacher: bool = False) -> None:
         """Shard the student and projectors under `fsdp2`, and the teacher too on request (`configure_sharding`)."""
+        if self.others and strategy.world_size > 1:
+            raise ValueError(
+                "model.teachers runs in one process for now: a step whose prompts skip a teacher leaves its projectors "
+                "without gradients, which DDP and FSDP2 refuse. Train with one device, or one teacher."
+            )
         student, objective, layers = self.student, self.objective, self.pair.layers_paths
         keep_head = objective.needs_head
         configure_sharding(strategy, student, objective, self.pair.teacher, layers, shard_teacher, keep_head=keep_head)
@@ -174,6 +288,20 @@ class Distiller:
         teacher = self.pair.teacher_states(roll, self.objective.points("teacher", head))
         return self.pair.student_states(roll, self.objective.points("student", head)), teacher
 
+    def distill_routed(self, roll: Rollout, names: list[str | None] | None) -> LossTerms:
+        """`distill` with each prompt's rows against its own teacher (`route`); one teacher: `distill` itself."""
+        if names is None:
+            return self.distill(roll)
+        routes = self.route(names, len(names))
+        if not self.others:
+            return self.distill(roll)  # every prompt is model.teacher's: `route` refuses any other name
+        per_prompt = len(roll.input_ids) // len(names)  # rows are prompt-major: num_generations per prompt
+        parts = {}
+        for name, distiller, indices in routes:
+            rows = [index * per_prompt + k for index in indices for k in range(per_prompt)]
+            parts[name] = distiller.distill(roll.select(rows))
+        return LossTerms.merged(parts)
+
     def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
         the objective."""
@@ -195,9 +323,19 @@ class Distiller:
 
     # ---- calibration ------------------------------------------------------------------------------------------
 
-    def calibrate(self, prompts: list[str], batch_size: int) -> dict[str, float]:
+    def calibrate(self, prompts: list[str], batch_size: int, names: list[str | None] | None = None) -> dict[str, float]:
         """Calibrate the projectors (Bridge, select) on `prompts` (the run's training prompts) if they are not
-        calibrated yet; returns their metrics, empty when there was nothing to do."""
+        calibrated yet; returns their metrics, empty when there was nothing to do. With several teachers each
+        calibrates on the prompts routed to it (`names`), its metrics named `<teacher>/<metric>`."""
+        if not self.others:
+            return self._calibrate_own(prompts, batch_size)
+        metrics = {}
+        for name, distiller, indices in self.route(names, len(prompts)):
+            found = distiller._calibrate_own([prompts[index] for index in indices], batch_size)
+            metrics.update({f"{name}/{key}": value for key, value in found.items()})
+        return metrics
+
+    def _calibrate_own(self, prompts: list[str], batch_size: int) -> dict[str, float]:
         if not self.objective.needs_calibration:
             return {}
         return calibrate_projectors(self.objective.projectors, self._calibration_rows, prompts, batch_size, self.seed)
@@ -207,3 +345,27 @@ class Distiller:
         roll = self.sample(prompts, self.rollout, seed=self.seed * 7919 + number)
         student, teacher = self.states(roll, head=False)
         return student, teacher, roll.response_mask.bool()
+
+
+def check_teachers(teachers: Mapping[str, TeacherConfig], rollout: RolloutConfig) -> None:
+    """What several teachers cannot do yet, and names they cannot take, before anything loads."""
+    if DEFAULT_TEACHER in teachers:
+        raise ValueError(
+            f"model.teachers.{DEFAULT_TEACHER}: `{DEFAULT_TEACHER}` names model.teacher; name this teacher otherwise."
+        )
+    for name in teachers:
+        if not name or "/" in name:
+            raise ValueError(f"model.teachers: {name!r} cannot name a teacher (metrics are `train/<name>/...`).")
+    if teachers and rollout.seq_kd:
+        raise ValueError(
+            "rollout.seq_kd samples off-policy responses from the teacher, and with model.teachers there are several: "
+            "use the data's `response` (seq_kd: false), or one teacher."
+        )
+
+
+def _named_replicas(placement: TeacherPlacement, name: str) -> TeacherPlacement:
+    """A remote teacher of `model.teachers` under its own actor names (`oprd-teacher-<name>`) unless it names them."""
+    remote = placement.remote
+    if remote is None or remote.name != RemoteTeacherConfig.name:
+        return placement
+    return dataclasses.replace(placement, remote=dataclasses.replace(remote, name=f"{remote.name}-{name}"))

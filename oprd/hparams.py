@@ -1,7 +1,8 @@
 """Hyper-parameters as checkpoints and the CLI hold them (plain values), and their typed, validated form.
 
 The model's settings come in groups, each a dataclass that checks itself (`model.objective`, `model.rollout`,
-`model.optim`, `model.eval`, `model.guard`, `model.teacher_placement`, and the two model specs). They become dicts
+`model.optim`, `model.eval`, `model.guard`, `model.teacher_placement`, the two model specs, and `model.teachers`, a
+dict of `TeacherConfig`s). They become dicts
 when saved, so `torch.load(weights_only=True)` reads every checkpoint, and come back as dataclasses when a module is
 rebuilt from them (LightningCLI and `load_from_checkpoint` hand back dicts). `typed_model_args` builds and checks
 them before any model loads, and its errors name the setting as the CLI spells it (`model.optim.lr must be > 0`).
@@ -16,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from oprd.distiller import EvalConfig
+from oprd.distiller import EvalConfig, TeacherConfig
 from oprd.models.spec import ModelSpec
 from oprd.objective.objective import ObjectiveConfig
 from oprd.parallel.placement import TeacherPlacement
@@ -126,6 +127,10 @@ def typed_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
     for name, cls in MODEL_CONFIGS.items():
         if typed.get(name) is not None:
             typed[name] = from_plain(cls, typed[name], f"model.{name}")
+    teachers = typed.get("teachers") or {}
+    typed["teachers"] = {
+        name: from_plain(TeacherConfig, entry, f"model.teachers.{name}") for name, entry in teachers.items()
+    }
     length = typed.get("max_prompt_length")
     if length is not None and not 1 <= length < math.inf:
         raise ValueError(f"model.max_prompt_length must be >= 1, got {length}.")

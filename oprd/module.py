@@ -14,8 +14,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from oprd.distiller import Distiller, EvalConfig
-from oprd.evaluation.scoring import ANSWERED, prompts_covered, score
+from oprd.distiller import Distiller, EvalConfig, TeacherConfig
+from oprd.evaluation.scoring import ANSWERED, score_by_teacher, weighted_scores
 from oprd.hparams import to_plain, typed_model_args
 from oprd.models.lora import frozen_base_keys
 from oprd.models.spec import ModelSpec
@@ -44,6 +44,8 @@ class DistillModule(L.LightningModule):
         eval: held-out scoring in validate/test and the report.
         guard: what a NaN/inf loss or gradient does.
         teacher_placement: where the teacher runs (another device, offloaded, sharded, or on Ray replicas).
+        teachers: more teachers by name, each prompt learning from the one its `teacher` column names (empty:
+            `teacher`); each has its own layer map, projectors and placement, and `train/<name>/...` metrics.
         max_prompt_length: longest prompt in tokens.
         truncate_prompts: cut longer prompts (with a warning) instead of refusing them.
         seed: base seed of the rollouts (each step's seed derives from it, so resumed runs sample the same).
@@ -60,6 +62,7 @@ class DistillModule(L.LightningModule):
         eval: EvalConfig = EvalConfig(),
         guard: GuardConfig = GuardConfig(),
         teacher_placement: TeacherPlacement = TeacherPlacement(),
+        teachers: dict[str, TeacherConfig] | None = None,
         max_prompt_length: int = 512,
         truncate_prompts: bool = True,
         seed: int = 0,
@@ -81,10 +84,14 @@ class DistillModule(L.LightningModule):
             truncate_prompts=truncate_prompts,
             placement=self.placement,
             seed=seed,
+            teachers=args["teachers"],
         )
         if self.distiller.student_spec is not args["student"]:  # layers chosen by importance go into every checkpoint
             self.hparams["student"] = to_plain(self.distiller.student_spec)
         self.pair, self.student, self.objective = self.distiller.pair, self.distiller.student, self.distiller.objective
+        if self.distiller.others:  # each teacher's projectors, checkpointed as `teacher_objectives.<name>.*`
+            others = self.distiller.others.items()
+            self.teacher_objectives = torch.nn.ModuleDict({name: other.objective for name, other in others})
         guard = args["guard"]
         self.guard = NonFiniteGuard(guard.nonfinite, guard.max_skips, guard.keep_last_good)
         self.meter, self.weight_sync = StepMeter(), WeightSync(self.pair)
@@ -101,7 +108,7 @@ class DistillModule(L.LightningModule):
         with saved_if_teacher_lost(self.trainer):
             roll, on_policy, lmbda = self.distiller.step_responses(batch, self.global_step, seed)
             self.meter.rollout_done(int(roll.response_mask.sum()), int(roll.attention_mask.sum()))
-            terms = self.distiller.distill(roll)
+            terms = self.distiller.distill_routed(roll, batch.get("teacher"))
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch
@@ -136,10 +143,11 @@ class DistillModule(L.LightningModule):
         The module calls it before the first step; a callback that scores the student before training calls it
         first, so that what it scores is what trains (an uncalibrated Bridge scores cosine 0).
         """
-        if not self.objective.needs_calibration:
+        if not self.distiller.needs_calibration:
             return {}
         data = self.trainer.datamodule
-        metrics = self.distiller.calibrate([item["prompt"] for item in data.train_items], data.hparams.batch_size)
+        prompts, teachers = [x["prompt"] for x in data.train_items], [x.get("teacher") for x in data.train_items]
+        metrics = self.distiller.calibrate(prompts, data.hparams.batch_size, teachers)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         return metrics
@@ -152,14 +160,17 @@ class DistillModule(L.LightningModule):
     def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
         self.evaluate(batch, "test")
 
-    def evaluate(self, batch: dict[str, list], prefix: str) -> dict[str, Tensor]:
-        """Score a held-out batch and log `<prefix>/<metric>`: each metric's epoch value is weighted by the prompts it
-        covers (accuracy by the answered ones), `<prefix>/answered` is their total."""
-        metrics, _ = score(self.distiller, batch["prompt"], batch["answer"], self.distiller.evaluation.model)
-        for name, count in prompts_covered(metrics, len(batch["prompt"])).items():
-            reduce_fx = "sum" if name == ANSWERED else "mean"
-            self.log(f"{prefix}/{name}", metrics[name], sync_dist=True, batch_size=count, reduce_fx=reduce_fx)
-        return {f"{prefix}/{name}": value for name, value in metrics.items()}
+    def evaluate(self, batch: dict[str, list], prefix: str) -> None:
+        """Score a held-out batch, each prompt by its own teacher, and log `<prefix>/<metric>` (and with several
+        teachers `<prefix>/<teacher>/<metric>`): each metric's epoch value is weighted by the prompts it covers
+        (accuracy by the answered ones), `answered` is their total."""
+        distiller = self.distiller
+        groups, _ = score_by_teacher(
+            distiller, batch["prompt"], batch["answer"], batch.get("teacher"), distiller.evaluation.model
+        )
+        for name, (value, count) in weighted_scores(groups, several=bool(distiller.others)).items():
+            reduce_fx = "sum" if name.endswith(ANSWERED) else "mean"
+            self.log(f"{prefix}/{name}", value, sync_dist=True, batch_size=count, reduce_fx=reduce_fx)
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
         greedy = self.distiller.rollout.greedy(self.distiller.evaluation.max_new_tokens)
@@ -169,7 +180,7 @@ class DistillModule(L.LightningModule):
     # ---- plumbing -------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        self.pair.frozen_teacher.rest(self.device)
+        self.distiller.rest_teachers(self.device)
         self.distiller.lockstep = functools.partial(synced_generation, _attached_trainer(self))
 
     def configure_model(self) -> None:
@@ -194,7 +205,9 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self.optim_cfg.schedule == "cosine" else 1
-        return build_optimizer(self.optim_cfg, self.student.parameters(), self.objective.parameters(), total)
+        learned = [self.objective, *(other.objective for other in self.distiller.others.values())]
+        projectors = (param for objective in learned for param in objective.parameters())
+        return build_optimizer(self.optim_cfg, self.student.parameters(), projectors, total)
 
 
 def _attached_trainer(module: L.LightningModule):

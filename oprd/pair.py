@@ -83,6 +83,7 @@ class ModelPair:
         engine: samples the student's responses.
         max_prompt_length: longest prompt in tokens.
         truncate_prompts: cut longer prompts (with a warning) instead of refusing them.
+        student_model: the student, already loaded (another teacher's pair over the same student); None: load it.
     """
 
     def __init__(
@@ -94,13 +95,16 @@ class ModelPair:
         engine: RolloutEngine,
         max_prompt_length: int = 512,
         truncate_prompts: bool = True,
+        student_model: nn.Module | None = None,
     ) -> None:
         self.tokenizer, self.engine = configs.tokenizer, engine
         self.max_prompt_length, self.truncate_prompts = max_prompt_length, truncate_prompts
         self.layers_paths = {"teacher": teacher.layers_path, "student": student.layers_path}
         if placement.remote is not None:  # first: an unreachable cluster fails before the student loads
             self.frozen_teacher = RemoteTeacher(teacher, configs.teacher, self.tokenizer, placement.remote)
-        self.student = load_model(student, configs.student, self.tokenizer).train()  # from_pretrained: eval mode
+        if student_model is None:
+            student_model = load_model(student, configs.student, self.tokenizer).train()  # from_pretrained: eval mode
+        self.student = student_model
         check_layer_count(self.student, self.layers_paths["student"], "student")
         if placement.remote is None:
             self.frozen_teacher = FrozenTeacher(load_model(teacher, configs.teacher, self.tokenizer), placement)

@@ -5,7 +5,7 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.evaluation.metrics import extract_answer
-from oprd.evaluation.scoring import mean_over_batches, score
+from oprd.evaluation.scoring import mean_by_teacher, mean_over_batches, score, weighted_scores
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
 from oprd.models import ModelSpec
@@ -181,6 +181,29 @@ def test_held_out_means_weigh_accuracy_by_the_answered_prompts():
     assert means == pytest.approx({"accuracy": (2 + 1) / 6, "answered": 6, "repetition": 0.5})
 
 
+def test_several_teachers_held_out_means_keep_each_teacher_and_pool_only_what_means_the_same():
+    t = torch.tensor
+    a = ({"accuracy": t(1.0), "answered": t(2.0), "reverse_kl": t(0.5), "hidden": t(3.0), "cos/0_0": t(0.9)}, 2)
+    b = ({"accuracy": t(0.0), "answered": t(1.0), "reverse_kl": t(1.0), "hidden": t(7.0), "cos/1_3": t(0.1)}, 4)
+    means = mean_by_teacher([{"default": a, "b": b}, {"b": b}], several=True)
+    assert means == pytest.approx(
+        {
+            "accuracy": 2 / 4,  # 2 of the 4 answered prompts (2 of teacher default, 1 + 1 of b)
+            "answered": 4,
+            "reverse_kl": (0.5 * 2 + 1.0 * 8) / 10,
+            **{"default/accuracy": 1.0, "default/answered": 2, "default/reverse_kl": 0.5},
+            **{"default/hidden": 3.0, "default/cos/0_0": 0.9},
+            **{"b/accuracy": 0.0, "b/answered": 2, "b/reverse_kl": 1.0, "b/hidden": 7.0, "b/cos/1_3": 0.1},
+        }
+    )  # the hidden terms compare each teacher's own layers: never pooled
+    weighted = weighted_scores({"default": a, "b": b}, several=True)
+    assert weighted["accuracy"] == (pytest.approx(2 / 3), 3) and weighted["b/hidden"] == (t(7.0), 4)
+    assert weighted_scores({"default": a}, several=False) == {
+        name: (a[0][name], n)
+        for name, n in {"accuracy": 2, "answered": 2, "reverse_kl": 2, "hidden": 2, "cos/0_0": 2}.items()
+    }
+
+
 def _first_k_by_hand(response_mask: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.zeros_like(response_mask, dtype=torch.bool)
     for row, mask in enumerate(response_mask):
@@ -230,3 +253,31 @@ def test_first_k_positions_are_normalised_by_the_tokens_they_select(tmp_path):
         with torch.no_grad():
             logged = module.distiller.distill(roll).metrics()["hidden"]
             torch.testing.assert_close(logged, _hidden_by_hand(module, roll, selected), rtol=1e-5, atol=1e-8)
+
+
+def test_several_teachers_route_by_the_data_column_train_their_own_projectors_and_log_per_teacher(tmp_path):
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    rows = [
+        {"prompt": f"What is {i} plus 2?", "answer": str(i + 2), "teacher": "b" if i % 2 else None} for i in range(8)
+    ]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    val.write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    other = {"model": {"config": TEACHER, "seed": 3}, "layer_map": "last"}
+    module = make_module(teachers={"b": other})
+    assert {"teacher_objectives.b.projectors.proj.1_3.weight"} <= set(module.state_dict())
+    before = module.teacher_objectives["b"].state_dict()["projectors.proj.1_3.weight"].clone()
+    t = trainer(tmp_path, limit_val_batches=1.0, val_check_interval=2)
+    t.fit(module, PromptDataModule(train=str(train), val=str(val), batch_size=4, val_batch_size=2))
+    logged = t.callback_metrics
+    assert {"train/loss", "train/default/loss", "train/b/loss", "train/b/hidden/1_3", "train/default/cos/0_0"} <= set(
+        logged
+    )
+    assert not torch.equal(before, module.teacher_objectives["b"].state_dict()["projectors.proj.1_3.weight"])
+    results = t.validate(module, PromptDataModule(train=str(train), val=str(val), val_batch_size=3), verbose=False)[0]
+    # 2 prompts each: the shared metrics are over all 4, each teacher's over its own.
+    assert {"val/reverse_kl", "val/accuracy", "val/default/reverse_kl", "val/b/cos/1_3", "val/b/accuracy"} <= set(
+        results
+    )
+    assert results["val/answered"] == 4 and results["val/b/answered"] == 2
+    mean = (results["val/default/reverse_kl"] + results["val/b/reverse_kl"]) / 2
+    assert results["val/reverse_kl"] == pytest.approx(mean, rel=1e-6)

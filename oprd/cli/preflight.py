@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from oprd.data import NO_HELDOUT, PromptDataModule, check_sources, format_prompts, heldout_source, load_prompts
+from oprd.distiller import DEFAULT_TEACHER
 from oprd.hparams import MOVED, from_plain, moved_message, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
 from oprd.models.tokenizers import pair_tokenizer
@@ -34,6 +35,7 @@ FIXED_BY_CHECKPOINT = (
     "objective.layer_map",
     "objective.projector",
     "objective.bridge",
+    "teachers",
 )
 """Model settings a checkpoint fixes (its weights only fit them); every other model setting is the run's own."""
 STATEFUL_SETTINGS = {
@@ -183,9 +185,11 @@ def check_config(subcommand: str, config) -> None:
         raise ImportError(NO_VLLM)
     if subcommand == "fit":
         check_off_policy_responses(model["rollout"], data)
+    sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
+    sources = [(source, split) for source, split in sources if source is not None]
+    check_teacher_names(model["teachers"], sources, data)
     if not model.get("truncate_prompts", True):
-        sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
-        check_prompt_lengths(model, [(source, split) for source, split in sources if source is not None], data)
+        check_prompt_lengths(model, sources, data)
     check_writable(config.trainer.default_root_dir or os.getcwd(), "--trainer.default_root_dir")
     if subcommand == "fit" and config.checkpoint.dirpath is not None:
         check_writable(config.checkpoint.dirpath, "--checkpoint.dirpath")
@@ -240,6 +244,21 @@ def check_off_policy_responses(rollout, data: dict[str, Any]) -> None:
             f'{len(items)} prompts in {data["train"]} have no "response": add one to every line, or set '
             "--model.rollout.seq_kd true to sample them from the teacher."
         )
+
+
+def check_teacher_names(teachers: dict[str, Any], sources: list[tuple[str, str]], data: dict[str, Any]) -> None:
+    """Every prompt's `teacher` column names a teacher of the run (`model.teachers`, or `default`), so a misspelt name
+    fails now rather than at the step that first meets it."""
+    known = {DEFAULT_TEACHER, *teachers}
+    for source, split in sources:
+        items = load_prompts(source, split, seed=data["seed"], num_val=data["num_val"])
+        unknown = sorted({item["teacher"] for item in items if item.get("teacher") not in (None, *known)})
+        if unknown:
+            has = f"model.teachers: {', '.join(teachers)}" if teachers else "model.teachers is not set"
+            raise ValueError(
+                f"{source}: prompts name the teacher {unknown[0]!r}, which this run does not have ({has}); add it to "
+                "model.teachers, or fix the prompts' `teacher` column."
+            )
 
 
 def check_prompt_lengths(

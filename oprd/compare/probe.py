@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 
 from oprd.distiller import Distiller
-from oprd.evaluation.scoring import mean_over_batches, score
+from oprd.evaluation.scoring import mean_over_batches, score_by_teacher
 from oprd.training.memory import UpdateMemory, memory_kind
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,19 @@ METRICS = ("reverse_kl", "accuracy", "repetition", "distinct_4", "cos", "respons
 
 
 def evaluate(distiller: Distiller, items: list[dict], batch_size: int) -> dict[str, float]:
-    """Greedy answers to `items`, scored as `oprd validate` scores them; means weighted by batch size."""
+    """Greedy answers to `items`, scored as `oprd validate` scores them (each prompt by its own teacher); means
+    weighted by the prompts scored."""
     batches = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        metrics, _ = score(distiller, [x["prompt"] for x in chunk], [x["answer"] for x in chunk])
-        values = {k: v for k, v in metrics.items() if not k.startswith("cos/")}
-        pairs = [float(v) for k, v in metrics.items() if k.startswith("cos/")]
-        if pairs or "cos_final" in values:
-            values["cos"] = sum(pairs) / len(pairs) if pairs else float(values["cos_final"])
-        batches.append((values, len(chunk)))
+        prompts, answers = [x["prompt"] for x in chunk], [x["answer"] for x in chunk]
+        groups, _ = score_by_teacher(distiller, prompts, answers, [x.get("teacher") for x in chunk])
+        for metrics, size in groups.values():
+            values = {k: v for k, v in metrics.items() if not k.startswith("cos/")}
+            pairs = [float(v) for k, v in metrics.items() if k.startswith("cos/")]
+            if pairs or "cos_final" in values:
+                values["cos"] = sum(pairs) / len(pairs) if pairs else float(values["cos_final"])
+            batches.append((values, size))
     return mean_over_batches(batches)
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from oprd.distiller import Distiller
-from oprd.evaluation.scoring import mean_over_batches, score
+from oprd.evaluation.scoring import Groups, mean_by_teacher, score_by_teacher
 from oprd.export import save_folder
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,16 @@ class DistillReport(L.Callback):
         return items[: self.num_prompts]
 
     def _score(self, distiller: Distiller, items, responder: str, per_row: bool = False):
-        batches: list[tuple[dict[str, Any], int]] = []
+        batches: list[Groups] = []
         rows: list[dict[str, Any]] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            metrics, chunk_rows = score(
-                distiller, [x["prompt"] for x in chunk], [x["answer"] for x in chunk], responder, per_row=per_row
-            )
-            batches.append((metrics, len(chunk)))
+            prompts, answers = [x["prompt"] for x in chunk], [x["answer"] for x in chunk]
+            teachers = [x.get("teacher") for x in chunk]
+            groups, chunk_rows = score_by_teacher(distiller, prompts, answers, teachers, responder, per_row=per_row)
+            batches.append(groups)
             rows += chunk_rows
-        return mean_over_batches(batches), rows
+        return mean_by_teacher(batches, several=bool(distiller.others)), rows
 
     def on_train_start(self, trainer, module) -> None:
         # Scored where training starts (a resumed run's weights and Bridge restored), with the Bridge calibrated: an
@@ -193,6 +193,7 @@ class DistillReport(L.Callback):
         if not isinstance(logger, WandbLogger) or not rows or os.environ.get("WANDB_MODE") == "disabled":
             return
         columns = ["prompt", "response", "answer", "correct", "reverse_kl"]
+        columns += ["teacher"] if any("teacher" in row for row in rows) else []  # several teachers: whose prompt
         logger.log_table(key, columns=columns, data=[[row.get(c) for c in columns] for row in rows])
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oprd.distiller import Distiller, Responder
+from oprd.distiller import DEFAULT_TEACHER, Distiller, Responder
 from oprd.evaluation.metrics import accuracy, distinct_n, is_correct, repetition_rate
 from oprd.losses.hidden import mean_cosine
 from oprd.models.capture import NORM
@@ -27,6 +27,10 @@ ANSWERED = "answered"
 
 EVAL_SEED = 20_240_601
 """Seed of the sampled evaluation: every model and checkpoint is scored on the same draws."""
+
+TEACHER_FREE = ("reverse_kl", "response_length", "distinct_4", "repetition", ANSWERED)
+"""`score`'s metrics that mean the same whichever teacher scored (with accuracy): several teachers' are also averaged
+over all prompts. The hidden-state ones compare each teacher's own layer pairs and stay per teacher."""
 
 
 @torch.no_grad()
@@ -130,3 +134,67 @@ def score(
             )
             row["reverse_kl"] = float(kl / one.response_mask.sum().clamp_min(1))
     return metrics, rows
+
+
+Groups = dict[str, tuple[dict[str, Tensor], int]]
+"""`score`'s metrics of each teacher's prompts, and how many prompts that was."""
+
+
+@torch.no_grad()
+def score_by_teacher(
+    distiller: Distiller,
+    prompts: list[str],
+    answers: list[str | None],
+    teachers: list[str | None] | None = None,
+    responder: Responder = "student",
+    per_row: bool = False,
+) -> tuple[Groups, list[dict[str, Any]]]:
+    """`score` with each prompt scored by its own teacher (`Distiller.route`; `teachers`: each prompt's `teacher`
+    column): the metrics by teacher, and the rows in the prompts' order (with their `teacher` when a run has
+    several)."""
+    groups: Groups = {}
+    rows: list[dict[str, Any]] = [{} for _ in prompts]
+    for name, each, indices in distiller.route(teachers, len(prompts)):
+        asked = [prompts[index] for index in indices]
+        metrics, found = score(each, asked, [answers[index] for index in indices], responder, per_row)
+        groups[name] = (metrics, len(indices))
+        for index, row in zip(indices, found, strict=True):
+            rows[index] = {**row, "teacher": name} if distiller.others else row
+    return groups, rows
+
+
+def teacher_free(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of `TEACHER_FREE` and accuracy."""
+    return {name: value for name, value in metrics.items() if name in TEACHER_FREE or is_answer_metric(name)}
+
+
+def weighted_scores(groups: Groups, several: bool) -> dict[str, tuple[Tensor | float, int]]:
+    """One batch's `score_by_teacher` as `{metric: (value, prompts it covers)}`, for a logger that weights each batch
+    by the prompts it covers. `several` (the run has several teachers): each teacher's as `<teacher>/<metric>`, and
+    the `TEACHER_FREE` ones and accuracy over all prompts."""
+    if not several:
+        metrics, size = groups[DEFAULT_TEACHER]
+        return {name: (metrics[name], count) for name, count in prompts_covered(metrics, size).items()}
+    weighted: dict[str, tuple[Tensor | float, int]] = {}
+    totals: dict[str, int] = {}
+    for teacher, (metrics, size) in groups.items():
+        for name, count in prompts_covered(metrics, size).items():
+            weighted[f"{teacher}/{name}"] = (metrics[name], count)
+            if name in teacher_free(metrics):
+                totals[name] = totals.get(name, 0) + count
+    overall = mean_over_batches([(teacher_free(metrics), size) for metrics, size in groups.values()])
+    weighted.update({name: (value, totals[name]) for name, value in overall.items()})
+    return weighted
+
+
+def mean_by_teacher(batches: list[Groups], several: bool) -> dict[str, float]:
+    """`score_by_teacher`'s metrics of several batches as one (`mean_over_batches`); `several`: each teacher's as
+    `<teacher>/<metric>`, and the `TEACHER_FREE` ones and accuracy over all prompts."""
+    if not several:
+        return mean_over_batches([groups[DEFAULT_TEACHER] for groups in batches])
+    entries = [(teacher, entry) for groups in batches for teacher, entry in groups.items()]
+    merged = mean_over_batches([(teacher_free(metrics), size) for _, (metrics, size) in entries])
+    for teacher in dict.fromkeys(teacher for teacher, _ in entries):
+        own = mean_over_batches([entry for name, entry in entries if name == teacher])
+        merged.update({f"{teacher}/{name}": value for name, value in own.items()})
+    return merged

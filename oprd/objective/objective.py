@@ -132,16 +132,41 @@ class LossTerms:
     tokens: Tensor | None = None
     """How many tokens the sums are over: the response tokens, or, with a hidden term alone, the tokens its
     `positions` select. The step divides its gradient by this count summed over micro-batches and ranks."""
+    by_teacher: dict[str, LossTerms] = field(default_factory=dict)
+    """With several teachers: each teacher's own terms, on the rows routed to it (`merged`)."""
+
+    @classmethod
+    def merged(cls, parts: dict[str, LossTerms]) -> LossTerms:
+        """Several teachers' terms of one micro-batch as one: each is a sum over its own rows' tokens, so the sums
+        and the token counts add; the layer pairs, cosines and weights stay with each teacher (`by_teacher`)."""
+        terms = list(parts.values())
+        tokens = [part.token for part in terms if part.token is not None]
+        gaps = [part.rollout_logprob_gap for part in terms if part.rollout_logprob_gap is not None]
+        return cls(
+            loss=sum(part.loss for part in terms),
+            hidden=sum(part.hidden for part in terms),
+            token=sum(tokens) if tokens else None,
+            rollout_logprob_gap=sum(gaps) / len(gaps) if gaps else None,
+            tokens=sum(part.tokens for part in terms),
+            by_teacher=dict(parts),
+        )
 
     def metrics(self, tokens: Tensor | None = None) -> dict[str, Tensor]:
         """Per-token values: `loss`, `hidden`, `hidden/<pair>`, `cos/<pair>`, `hidden_weight`, and with a token term
-        `token_kl` and `token_weight`.
+        `token_kl` and `token_weight`. Merged terms of several teachers: `loss`, `hidden` and `token_kl` over all
+        rows, and each teacher's own metrics as `<teacher>/<metric>`.
 
         Args:
             tokens: the count the sums are over (clamped to at least 1); default `self.tokens`.
         """
         tokens = (self.tokens if tokens is None else tokens).clamp_min(1).float()
         metrics = {"loss": self.loss.detach() / tokens, "hidden": self.hidden.detach() / tokens}
+        if self.by_teacher:
+            if self.token is not None:
+                metrics["token_kl"] = self.token.detach() / tokens
+            for name, part in self.by_teacher.items():
+                metrics.update({f"{name}/{key}": value for key, value in part.metrics().items()})
+            return metrics
         metrics.update({f"hidden/{label}": value.detach() / tokens for label, value in self.pairs.items()})
         metrics.update({f"cos/{label}": value for label, value in self.cosine.items()})
         metrics["hidden_weight"] = torch.as_tensor(self.hidden_weight).detach().float()
@@ -153,8 +178,11 @@ class LossTerms:
         return metrics
 
     def named(self) -> dict[str, Tensor]:
-        """Every computed term by name: `hidden/<pair>`, `hidden`, `token` (when computed) and `loss`."""
-        named = {f"hidden/{label}": value for label, value in self.pairs.items()}
+        """Every computed term by name: `hidden/<pair>`, `hidden`, `token` (when computed) and `loss`; merged terms of
+        several teachers name each teacher's as `<teacher>/<term>`."""
+        parts = self.by_teacher.items()
+        named = {f"{name}/{key}": value for name, part in parts for key, value in part.named().items()}
+        named.update({f"hidden/{label}": value for label, value in self.pairs.items()})
         named["hidden"] = self.hidden
         if self.token is not None:
             named["token"] = self.token

@@ -138,6 +138,13 @@ class Rollout:
         masks = (self.attention_mask.to(device), self.response_mask.to(device))
         return Rollout(self.input_ids.to(device), *masks, self.prompt_length, logprobs)
 
+    def select(self, rows: list[int]) -> Rollout:
+        """The rollout of `rows` alone (in that order)."""
+        index = torch.tensor(rows, device=self.input_ids.device)
+        logprobs = None if self.logprobs is None else self.logprobs[index]
+        masks = (self.attention_mask[index], self.response_mask[index])
+        return Rollout(self.input_ids[index], *masks, self.prompt_length, logprobs)
+
     def responses(self) -> list[Tensor]:
         """Each sequence's response tokens (without padding)."""
         return [row[mask.bool()] for row, mask in zip(self.input_ids, self.response_mask, strict=True)]

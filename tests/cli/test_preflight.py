@@ -294,3 +294,21 @@ def test_what_a_checkpoint_fixes_is_read_through_the_groups():
         taken_from_checkpoint({**given, "tokenizer": "tiny"}, saved, "a.ckpt")
     with pytest.raises(ValueError, match="model.objective.projector = 'linear', but this run sets 'bridge'"):
         taken_from_checkpoint({**given, "objective": {"projector": "bridge"}}, saved, "a.ckpt")
+
+
+def test_a_checkpoint_fixes_its_teachers():
+    b = {"model": {"path": "tiny"}, "layer_map": "last", "placement": {}}
+    saved = {"tokenizer": None, "teachers": {"b": b}}
+    assert taken_from_checkpoint({"tokenizer": None}, saved, "a.ckpt") == ["teachers"]  # a resume without them
+    with pytest.raises(ValueError, match="was trained with model.teachers = .*but this run sets"):
+        taken_from_checkpoint({"tokenizer": None, "teachers": {"b": {**b, "layer_map": "uniform"}}}, saved, "a.ckpt")
+
+
+def test_a_prompt_naming_a_teacher_the_run_lacks_fails_before_any_model_loads(tmp_path, capsys, no_weight_loading):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "teacher": "b"}\n{"prompt": "b", "teacher": "c"}\n{"prompt": "c"}\n')
+    teachers = '{"b": {"model": {"path": "tiny"}}}'
+    line = fit_fails(capsys, "--data.train", str(prompts), "--data.val", str(prompts), "--model.teachers", teachers)
+    assert f"{prompts}: prompts name the teacher 'c', which this run does not have (model.teachers: b)" in line
+    line = fit_fails(capsys, "--data.train", str(prompts), "--data.val", str(prompts))
+    assert "teacher 'b', which this run does not have (model.teachers is not set)" in line

@@ -4,6 +4,7 @@ Ray cluster (no mocks); lost replicas, a replica serving another model, an unrea
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from oprd.models.capture import NORM
 from oprd.objective.bridge import BridgeConfig
 from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
 from oprd.rollout import RolloutConfig
-from tests.helpers import ROOT, make_module, trainer
+from tests.helpers import ROOT, TEACHER, make_module, trainer
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.xdist_group("ray")  # under xdist: one worker holds the local cluster
@@ -97,10 +98,10 @@ class Losses(L.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def fit_losses(tmp_path, steps: int = 3, before_step: dict | None = None, **kwargs) -> list[float]:
+def fit_losses(tmp_path, steps: int = 3, before_step: dict | None = None, data=None, **kwargs) -> list[float]:
     module = make_module(**kwargs)
     probe = Losses(before_step)
-    trainer(tmp_path, max_steps=steps, callbacks=[probe]).fit(module, PromptDataModule(batch_size=2))
+    trainer(tmp_path, max_steps=steps, callbacks=[probe]).fit(module, data or PromptDataModule(batch_size=2))
     return probe.losses
 
 
@@ -118,6 +119,26 @@ def test_a_fit_with_a_remote_teacher_logs_the_in_process_losses(tmp_path, object
     local = fit_losses(tmp_path / "local", objective=objective)
     away = fit_losses(tmp_path / "remote", objective=objective, teacher_placement={"remote": remote()})
     assert away == local
+
+
+def test_two_teachers_one_of_them_remote_log_the_in_process_losses(tmp_path):
+    train = tmp_path / "train.jsonl"
+    rows = [{"prompt": prompt, "teacher": "b" if i % 2 else None} for i, prompt in enumerate(PROMPTS * 2)]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = PromptDataModule(train=str(train), batch_size=3)
+    b = {"model": {"config": TEACHER, "seed": 3}, "layer_map": "last"}
+    token = {"token_loss": TOKEN, "token_weight": 0.5}
+    local = fit_losses(tmp_path / "local", data=data, objective=token, teachers={"b": b})
+    b_away = {**b, "placement": {"remote": remote(replicas=1)}}
+    checked = []
+
+    def b_is_remote(module) -> None:
+        checked.append(module.distiller.others["b"].pair.remote and not module.pair.remote)
+
+    away = fit_losses(
+        tmp_path / "remote", data=data, before_step={0: b_is_remote}, objective=token, teachers={"b": b_away}
+    )
+    assert checked == [True] and away == local
 
 
 def _kill_actor(module) -> None:
