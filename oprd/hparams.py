@@ -2,10 +2,10 @@
 
 The model's settings come in groups, each a dataclass that checks itself (`model.objective`, `model.rollout`,
 `model.optim`, `model.eval`, `model.guard`, `model.teacher_placement`, the two model specs, and `model.teachers`, a
-dict of `TeacherConfig`s). They become dicts
-when saved, so `torch.load(weights_only=True)` reads every checkpoint, and come back as dataclasses when a module is
-rebuilt from them (LightningCLI and `load_from_checkpoint` hand back dicts). `typed_model_args` builds and checks
-them before any model loads, and its errors name the setting as the CLI spells it (`model.optim.lr must be > 0`).
+dict of `TeacherConfig`s). They become dicts when saved, so `torch.load(weights_only=True)` reads every checkpoint,
+and come back as dataclasses when a module is rebuilt from them (LightningCLI and `load_from_checkpoint` hand back
+dicts). `typed_model_args` builds and checks them before any model loads, and its errors name the setting as the CLI
+spells it (`model.optim.lr must be > 0`).
 """
 
 from __future__ import annotations
