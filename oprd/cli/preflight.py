@@ -188,6 +188,8 @@ def check_config(subcommand: str, config) -> None:
     sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
     sources = [(source, split) for source, split in sources if source is not None]
     check_teacher_names(model["teachers"], sources, data)
+    if model["teachers"]:
+        check_one_process(config.trainer)
     if not model.get("truncate_prompts", True):
         check_prompt_lengths(model, sources, data)
     check_writable(config.trainer.default_root_dir or os.getcwd(), "--trainer.default_root_dir")
@@ -259,6 +261,22 @@ def check_teacher_names(teachers: dict[str, Any], sources: list[tuple[str, str]]
                 f"{source}: prompts name the teacher {unknown[0]!r}, which this run does not have ({has}); add it to "
                 "model.teachers, or fix the prompts' `teacher` column."
             )
+
+
+def check_one_process(trainer) -> None:
+    """Several teachers train in one process for now (`Distiller.shard` says why): refuse 2+ devices or nodes given
+    on the command line or in a config. `devices: auto` on several GPUs is refused when the strategy starts."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if isinstance(devices, str) and devices != "auto":
+        devices = len(devices.split(",")) if "," in devices else int(devices)
+    count = len(devices) if isinstance(devices, list | tuple) else devices
+    if nodes > 1 or (isinstance(count, int) and count != 1):
+        raise ValueError(
+            f"--model.teachers runs in one process for now (--trainer.devices {trainer.get('devices')}, "
+            f"--trainer.num_nodes {nodes}): a step whose prompts skip a teacher leaves its projectors without "
+            "gradients, which DDP and FSDP2 refuse. Set --trainer.devices 1 --trainer.num_nodes 1, or train one "
+            "teacher."
+        )
 
 
 def check_prompt_lengths(

@@ -312,3 +312,10 @@ def test_a_prompt_naming_a_teacher_the_run_lacks_fails_before_any_model_loads(tm
     assert f"{prompts}: prompts name the teacher 'c', which this run does not have (model.teachers: b)" in line
     line = fit_fails(capsys, "--data.train", str(prompts), "--data.val", str(prompts))
     assert "teacher 'b', which this run does not have (model.teachers is not set)" in line
+
+
+def test_several_teachers_on_two_devices_are_refused_before_any_model_loads(capsys, no_weight_loading):
+    teachers = '{"b": {"model": {"path": "tiny"}}}'
+    line = fit_fails(capsys, "--model.teachers", teachers, "--trainer.devices", "2")
+    assert "--model.teachers runs in one process for now (--trainer.devices 2, --trainer.num_nodes 1)" in line
+    assert "Set --trainer.devices 1 --trainer.num_nodes 1, or train one teacher." in line
