@@ -158,20 +158,13 @@ class ModelPair:
         return self.frozen_teacher.states(roll, points, self.layers_paths["teacher"], self.device)
 
     @torch.no_grad()
-    def projected_teacher_states(
-        self, roll: Rollout, points: list[Point], projection: dict[str, tuple[Point, Tensor, Tensor]]
-    ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
-        """A remote teacher's states at `points` and, per pair label of `projection`, its state's coordinates in the
-        Bridge's basis, computed on the replica (`RemoteTeacher.projected_states`)."""
-        return self.request_teacher_states(roll, points, projection)()
-
-    @torch.no_grad()
     def request_teacher_states(
         self, roll: Rollout, points: list[Point], projection: dict[str, tuple[Point, Tensor, Tensor]] | None = None
     ) -> Callable[[], tuple[dict[Point, Tensor], dict[str, Tensor]]]:
         """The teacher's states at `points` (and with a `projection`, a remote teacher's Bridge coordinates per pair
-        label), as a function that returns them. A remote teacher's request leaves now and the function waits for
-        it, so the student's forward runs meanwhile; an in-process teacher computes them now."""
+        label, computed on the replica: `RemoteTeacher.request_states`), as a function that returns them. A remote
+        teacher's request leaves now and the function waits for it, so the student's forward runs meanwhile; an
+        in-process teacher computes them now."""
         if self.remote:
             return self.frozen_teacher.request_states(roll, points, projection or {}, self.device)
         if projection:

@@ -330,19 +330,14 @@ class RemoteTeacher:
         self, roll: Rollout, points: Sequence[Point], layers_path: str | None, device: torch.device
     ) -> dict[Point, Tensor]:
         """The teacher's states at `points` for `roll`'s sequences, on `device`."""
-        return self.projected_states(roll, points, {}, device)[0]
-
-    def projected_states(
-        self, roll: Rollout, points: Sequence[Point], projection: Projection, device: torch.device
-    ) -> tuple[dict[Point, Tensor], dict[str, Tensor]]:
-        """The teacher's states at `points` and the Bridge's targets per pair label (`projection`), on `device`."""
-        return self.request_states(roll, points, projection, device)()
+        return self.request_states(roll, points, {}, device)()[0]
 
     def request_states(
         self, roll: Rollout, points: Sequence[Point], projection: Projection, device: torch.device
     ) -> Callable[[], tuple[dict[Point, Tensor], dict[str, Tensor]]]:
-        """`projected_states`, sent now and waited for when the returned function is called: the trainer runs the
-        student's forward while a replica runs the teacher's."""
+        """The teacher's states at `points` and the Bridge's targets per pair label (`projection`), on `device`: sent
+        now, and waited for when the returned function is called, so the trainer runs the student's forward while a
+        replica runs the teacher's."""
         ids, mask, start = roll.input_ids.cpu(), roll.attention_mask.cpu(), first_read_position(roll)
         answer = self._request("states", ids, mask, list(points), start, projection)
 

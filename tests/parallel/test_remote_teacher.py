@@ -74,7 +74,7 @@ def test_with_a_calibrated_bridge_a_replica_sends_the_bridge_coordinates_of_its_
     assert projection is not None and set(projection) == set(local.objective.projectors.labels)
     roll = local.pair.sample(PROMPTS, RolloutConfig(max_new_tokens=8), seed=3)
     start = roll.prompt_length - 1
-    states, targets = away.pair.projected_teacher_states(roll, [NORM], projection)
+    states, targets = away.pair.request_teacher_states(roll, [NORM], projection)()
     expected = local.objective.projectors.targets(local.pair.teacher_states(roll, local.objective.points("teacher")))
     assert set(states) == {NORM} and targets.keys() == expected.keys()  # no pair's d_t states travel
     for label, target in targets.items():
