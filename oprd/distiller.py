@@ -114,7 +114,7 @@ class Distiller:
         # Projectors are float32 (bf16/fp16 states are compared in float32) unless the student is float64: then the
         # whole step stays float64, so two orders of the same computation can be compared far below float32 round-off.
         objective.projectors.to(torch.promote_types(next(self.student.parameters()).dtype, torch.float32))
-        objectives = [objective, *(other.objective for other in self.others.values())]
+        objectives = [each.objective for each in self.per_teacher]
         points = [point for each in objectives for point in each.points("student")]
         needs_head = any(each.needs_head for each in objectives)
         layers = pair.layers_paths["student"]
@@ -154,38 +154,27 @@ class Distiller:
         check_teachers(teachers, rollout)
         max_new_tokens = max(rollout.max_new_tokens, evaluation.max_new_tokens or 0)
         student = choose_student_layers(teacher, student, tokenizer, max_prompt_length, max_new_tokens)
-        lengths = (max_prompt_length, max_new_tokens)
-        configs = PairConfigs.read(teacher, student, tokenizer, *lengths)
-        built = Objective.from_config(
-            objective, configs.student, configs.teacher, len(configs.tokenizer), configs.kept, seed
-        )
+
+        def read(spec: ModelSpec, config: ObjectiveConfig) -> tuple[PairConfigs, Objective]:
+            configs = PairConfigs.read(spec, student, tokenizer, max_prompt_length, max_new_tokens)
+            vocab = len(configs.tokenizer)
+            return configs, Objective.from_config(config, configs.student, configs.teacher, vocab, configs.kept, seed)
+
+        configs, built = read(teacher, objective)
         more = {}
         for name, entry in teachers.items():  # every teacher's configs and layer map, before any weights load
-            entry_configs = PairConfigs.read(entry.model, student, tokenizer, *lengths)
-            entry_objective = objective
-            if entry.layer_map is not None:
-                entry_objective = dataclasses.replace(objective, layer_map=entry.layer_map)
-            vocab = len(entry_configs.tokenizer)
+            own = objective if entry.layer_map is None else dataclasses.replace(objective, layer_map=entry.layer_map)
             try:
-                entry_built = Objective.from_config(
-                    entry_objective, entry_configs.student, entry_configs.teacher, vocab, entry_configs.kept, seed
-                )
+                more[name] = (entry, *read(entry.model, own))
             except ValueError as err:
                 raise ValueError(f"model.teachers.{name}: {err}") from err
-            more[name] = (entry, entry_configs, entry_built)
         engine = get_engine(rollout.engine)
         pair = ModelPair(teacher, student, configs, placement, engine, max_prompt_length, truncate_prompts)
         others = {}
         for name, (entry, entry_configs, entry_built) in more.items():
+            placed = _named_replicas(entry.placement, name)
             entry_pair = ModelPair(
-                entry.model,
-                student,
-                entry_configs,
-                _named_replicas(entry.placement, name),
-                engine,
-                max_prompt_length,
-                truncate_prompts,
-                student_model=pair.student,
+                entry.model, student, entry_configs, placed, engine, max_prompt_length, truncate_prompts, pair.student
             )
             others[name] = cls(entry_pair, entry_built, rollout, evaluation, seed, freeze=False)
         distiller = cls(pair, built, rollout, evaluation, seed, others)
@@ -197,9 +186,14 @@ class Distiller:
         return self.pair.student
 
     @property
+    def per_teacher(self) -> list[Distiller]:
+        """One Distiller per teacher: this one (`model.teacher`), then those of `model.teachers`."""
+        return [self, *self.others.values()]
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether some teacher's projectors (Bridge, select) are still to be calibrated."""
-        return any(each.objective.needs_calibration for each in (self, *self.others.values()))
+        return any(each.objective.needs_calibration for each in self.per_teacher)
 
     def teacher(self, name: str | None) -> Distiller:
         """The Distiller of teacher `name` (None or `default`: this one)."""
@@ -225,8 +219,8 @@ class Distiller:
 
     def rest_teachers(self, device: torch.device) -> None:
         """Every teacher where its placement keeps it between passes, beside a student on `device`."""
-        for distiller in (self, *self.others.values()):
-            distiller.pair.frozen_teacher.rest(device)
+        for each in self.per_teacher:
+            each.pair.frozen_teacher.rest(device)
 
     def shard(self, strategy, shard_teacher: bool = False) -> None:
         """Shard the student and projectors under `fsdp2`, and the teacher too on request (`configure_sharding`)."""

@@ -205,8 +205,7 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self.optim_cfg.schedule == "cosine" else 1
-        learned = [self.objective, *(other.objective for other in self.distiller.others.values())]
-        projectors = (param for objective in learned for param in objective.parameters())
+        projectors = (param for each in self.distiller.per_teacher for param in each.objective.parameters())
         return build_optimizer(self.optim_cfg, self.student.parameters(), projectors, total)
 
 

@@ -163,9 +163,14 @@ def score_by_teacher(
     return groups, rows
 
 
+def is_teacher_free(name: str) -> bool:
+    """Whether metric `name` means the same whichever teacher scored (`TEACHER_FREE`, and accuracy)."""
+    return name in TEACHER_FREE or is_answer_metric(name)
+
+
 def teacher_free(metrics: dict[str, Any]) -> dict[str, Any]:
     """The metrics of `TEACHER_FREE` and accuracy."""
-    return {name: value for name, value in metrics.items() if name in TEACHER_FREE or is_answer_metric(name)}
+    return {name: value for name, value in metrics.items() if is_teacher_free(name)}
 
 
 def weighted_scores(groups: Groups, several: bool) -> dict[str, tuple[Tensor | float, int]]:
@@ -180,7 +185,7 @@ def weighted_scores(groups: Groups, several: bool) -> dict[str, tuple[Tensor | f
     for teacher, (metrics, size) in groups.items():
         for name, count in prompts_covered(metrics, size).items():
             weighted[f"{teacher}/{name}"] = (metrics[name], count)
-            if name in teacher_free(metrics):
+            if is_teacher_free(name):
                 totals[name] = totals.get(name, 0) + count
     overall = mean_over_batches([(teacher_free(metrics), size) for metrics, size in groups.values()])
     weighted.update({name: (value, totals[name]) for name, value in overall.items()})
