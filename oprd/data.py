@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = ("arithmetic", "arithmetic-large", "arithmetic-rephrased", "arithmetic-wide")
+BUILTIN_SOURCES = ("arithmetic", "arithmetic-large", "arithmetic-rephrased", "arithmetic-wide", "arithmetic-varied")
 TRAINING_RANGE = (1, 20)
 """The operands of the built-in `arithmetic` task (both splits): the demo teacher was fine-tuned on these."""
 LARGE_RANGE = (21, 40)
@@ -39,6 +39,9 @@ REPHRASINGS = (
     "{a} plus {b} equals what?",
 )
 """Other ways to ask "What is a plus b?": a held-out check that distillation taught addition, not one phrasing."""
+TRAINED_REPHRASINGS = REPHRASINGS[0::2]
+"""The rephrasings `arithmetic-varied` trains on (on pairs of its own); the other half no built-in trains on, so
+`arithmetic-rephrased` holds phrasings a student has seen and phrasings it has not, every other prompt."""
 
 
 def arithmetic_examples(
@@ -52,10 +55,12 @@ def arithmetic_examples(
     Returns:
         list of `{"prompt": ..., "answer": ...}` dicts.
     """
-    return [
-        {"prompt": f"What is {a} plus {b}?", "answer": str(a + b), "response": f"{a} + {b} = {a + b}."}
-        for a, b in split_pairs(split, seed, num_val, low, high)
-    ]
+    return [sum_example("What is {a} plus {b}?", a, b) for a, b in split_pairs(split, seed, num_val, low, high)]
+
+
+def sum_example(phrasing: str, a: int, b: int) -> dict[str, Any]:
+    """The sum a + b asked in `phrasing` (a format string of `a` and `b`), with its answer and reference response."""
+    return {"prompt": phrasing.format(a=a, b=b), "answer": str(a + b), "response": f"{a} + {b} = {a + b}."}
 
 
 def split_pairs(split: str, seed: int, num_val: int, low: int, high: int) -> list[tuple[int, int]]:
@@ -94,6 +99,18 @@ def wide_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> li
     if split == "val":
         return arithmetic_examples("val", seed=seed, num_val=num_val)
     return arithmetic_examples(split, seed=seed, num_val=num_val) + large_examples(split, seed=seed, num_val=num_val)
+
+
+def varied_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
+    """`wide_examples`, plus each of its training pairs asked again in one of `TRAINED_REPHRASINGS` (in turn), with
+    the same reference answer; held out, `arithmetic`'s held-out split. No pair of `arithmetic-large` or
+    `arithmetic-rephrased`'s held-out splits is trained on, nor any phrasing of `REPHRASINGS[1::2]`."""
+    wide = wide_examples(split, seed=seed, num_val=num_val)
+    if split == "val":
+        return wide
+    pairs = split_pairs(split, seed, num_val, *TRAINING_RANGE) + split_pairs(split, seed, num_val, *LARGE_RANGE)
+    phrasings = itertools.cycle(TRAINED_REPHRASINGS)
+    return wide + [sum_example(next(phrasings), a, b) for a, b in pairs]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -155,6 +172,8 @@ def load_prompts(source: str, split: str = "train", seed: int = 0, num_val: int 
         return rephrased_examples(split, seed=seed, num_val=num_val)
     if source == "arithmetic-wide":
         return wide_examples(split, seed=seed, num_val=num_val)
+    if source == "arithmetic-varied":
+        return varied_examples(split, seed=seed, num_val=num_val)
     path = Path(source)
     if path.is_dir():
         return _load_hf_folder(path, split)

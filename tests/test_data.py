@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from oprd.data import PromptDataModule, arithmetic_examples, format_prompts, load_prompts, read_jsonl
+from oprd.data import REPHRASINGS, PromptDataModule, arithmetic_examples, format_prompts, load_prompts, read_jsonl
 
 
 def test_arithmetic_is_seeded_and_splits_are_disjoint():
@@ -113,6 +113,27 @@ def test_the_wide_task_trains_on_both_ranges_and_holds_out_what_the_other_sets_a
     }
     assert not {_pair(x) for x in train} & held_out
     assert load_prompts("arithmetic-wide", "val", seed, num_val) == arithmetic_examples("val", seed, num_val)
+
+
+@pytest.mark.parametrize("seed,num_val", [(0, 100), (3, 100)])
+def test_the_varied_task_asks_the_wide_pairs_again_in_half_the_rephrasings(seed, num_val):
+    wide = load_prompts("arithmetic-wide", "train", seed=seed, num_val=num_val)
+    train = load_prompts("arithmetic-varied", "train", seed=seed, num_val=num_val)
+    assert train[: len(wide)] == wide and len(train) == 2 * len(wide)
+    again = train[len(wide) :]
+    assert [_pair(x) for x in again] == [_pair(x) for x in wide]
+    assert all(x["answer"] == w["answer"] and x["response"] == w["response"] for x, w in zip(again, wide, strict=True))
+    trained = {_phrasing(x) for x in again}
+    assert trained == set(REPHRASINGS[0::2])  # each of the trained half, none of the other
+    held_out = load_prompts("arithmetic-rephrased", "val", seed=seed, num_val=num_val)
+    assert not {_pair(x) for x in train} & {_pair(x) for x in held_out}
+    assert [_phrasing(x) in trained for x in held_out[:4]] == [True, False, True, False]  # every other prompt
+    assert load_prompts("arithmetic-varied", "val", seed, num_val) == arithmetic_examples("val", seed, num_val)
+
+
+def _phrasing(item: dict) -> str:
+    a, b = _pair(item)
+    return item["prompt"].replace(str(a), "{a}", 1).replace(str(b), "{b}", 1)
 
 
 def _pair(item: dict) -> tuple[int, int]:
