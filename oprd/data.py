@@ -254,17 +254,6 @@ def heldout_source(train: str | None, val: str | None) -> str | None:
     return train if train in BUILTIN_SOURCES else None
 
 
-def check_sources(train: str | None, val: str | None = None, seed: int = 0, num_val: int = 100) -> None:
-    """Read each prompt source once to fail fast: the CLI calls this before any model is loaded.
-
-    Raises:
-        ValueError: an empty, unreadable or malformed source, with the file and line number.
-    """
-    for source, split in ((train, "train"), (val, "val")):
-        if source is not None:
-            load_prompts(source, split, seed=seed, num_val=num_val)
-
-
 class ResumableSampler(DistributedSampler):
     """Shuffles each epoch with `seed + epoch`, shards by rank, and can start an epoch part-way after a resume.
 

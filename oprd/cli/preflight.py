@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from oprd.data import NO_HELDOUT, PromptDataModule, check_sources, format_prompts, heldout_source, load_prompts
+from oprd.data import NO_HELDOUT, PromptDataModule, format_prompts, heldout_source, load_prompts
 from oprd.distiller import DEFAULT_TEACHER
 from oprd.hparams import MOVED, from_plain, moved_message, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
@@ -178,20 +178,23 @@ def check_config(subcommand: str, config) -> None:
     if subcommand != "fit" and heldout_source(data["train"], data["val"]) is None:
         raise ValueError(NO_HELDOUT.format(stage=subcommand))
     train = data["train"] if subcommand == "fit" else None
-    check_sources(train, data["val"], seed=data["seed"], num_val=data["num_val"])
+    sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
+    prompts = {  # each source read once, here, so an unreadable or malformed one fails before any other check
+        (source, split): load_prompts(source, split, seed=data["seed"], num_val=data["num_val"])
+        for source, split in sources
+        if source is not None
+    }
     check_trainer(config.trainer)
     check_devices(config.trainer.accelerator, model["teacher_placement"].device)
     if model["rollout"].engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ImportError(NO_VLLM)
-    if subcommand == "fit":
-        check_off_policy_responses(model["rollout"], data)
-    sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
-    sources = [(source, split) for source, split in sources if source is not None]
-    check_teacher_names(model["teachers"], sources, data)
+    if train is not None:
+        check_off_policy_responses(model["rollout"], train, prompts[train, "train"])
+    check_teacher_names(model["teachers"], prompts)
     if model["teachers"]:
         check_one_process(config.trainer)
     if not model.get("truncate_prompts", True):
-        check_prompt_lengths(model, sources, data)
+        check_prompt_lengths(model, prompts)
     check_writable(config.trainer.default_root_dir or os.getcwd(), "--trainer.default_root_dir")
     if subcommand == "fit" and config.checkpoint.dirpath is not None:
         check_writable(config.checkpoint.dirpath, "--checkpoint.dirpath")
@@ -233,27 +236,29 @@ def check_devices(accelerator, teacher_device: str | None) -> None:
         )
 
 
-def check_off_policy_responses(rollout, data: dict[str, Any]) -> None:
+def check_off_policy_responses(rollout, source: str, items: list[dict[str, Any]]) -> None:
     """When some step is off-policy (`rollout.lmbda` or `lmbda_start` < 1) and not `seq_kd`, off-policy steps read
-    each training prompt's `response`."""
+    each training prompt's `response` (`items`, read from `source`)."""
     if not rollout.mixes or rollout.seq_kd:
         return
-    items = load_prompts(data["train"], "train", seed=data["seed"], num_val=data["num_val"])
     missing = sum(item.get("response") is None for item in items)
     if missing:
         raise ValueError(
             f"--model.rollout.lmbda {rollout.lmbda} takes off-policy responses from the data, and {missing} of "
-            f'{len(items)} prompts in {data["train"]} have no "response": add one to every line, or set '
+            f'{len(items)} prompts in {source} have no "response": add one to every line, or set '
             "--model.rollout.seq_kd true to sample them from the teacher."
         )
 
 
-def check_teacher_names(teachers: dict[str, Any], sources: list[tuple[str, str]], data: dict[str, Any]) -> None:
+def check_teacher_names(teachers: dict[str, Any], prompts: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
     """Every prompt's `teacher` column names a teacher of the run (`model.teachers`, or `default`), so a misspelt name
-    fails now rather than at the step that first meets it."""
+    fails now rather than at the step that first meets it.
+
+    Args:
+        prompts: each (prompt source, split)'s prompts.
+    """
     known = {DEFAULT_TEACHER, *teachers}
-    for source, split in sources:
-        items = load_prompts(source, split, seed=data["seed"], num_val=data["num_val"])
+    for (source, _), items in prompts.items():
         unknown = sorted({item["teacher"] for item in items if item.get("teacher") not in (None, *known)})
         if unknown:
             has = f"model.teachers: {', '.join(teachers)}" if teachers else "model.teachers is not set"
@@ -280,18 +285,17 @@ def check_one_process(trainer) -> None:
 
 
 def check_prompt_lengths(
-    model: dict[str, Any], sources: list[tuple[str, str]], data: dict[str, Any], chunk: int = 256
+    model: dict[str, Any], prompts_of: dict[tuple[str, str], list[dict[str, Any]]], chunk: int = 256
 ) -> None:
     """With `truncate_prompts: false`, every prompt fits `max_prompt_length` tokens (only the tokenizer loads for
     this; otherwise the first over-long prompt stops the run part-way through training).
 
     Args:
-        sources: (prompt source, split) pairs, as `load_prompts` takes them.
+        prompts_of: each (prompt source, split)'s prompts.
     """
     tokenizer = pair_tokenizer(model.get("tokenizer"), model["teacher"], model["student"])
     limit = model.get("max_prompt_length", 512)
-    for source, split in sources:
-        items = load_prompts(source, split, seed=data["seed"], num_val=data["num_val"])
+    for (source, split), items in prompts_of.items():
         prompts = [item["prompt"] for item in items]
         for start in range(0, len(prompts), chunk):
             lengths = format_prompts(tokenizer, prompts[start : start + chunk])["attention_mask"].sum(dim=1)

@@ -319,3 +319,20 @@ def test_several_teachers_on_two_devices_are_refused_before_any_model_loads(caps
     line = fit_fails(capsys, "--model.teachers", teachers, "--trainer.devices", "2")
     assert "--model.teachers runs in one process for now (--trainer.devices 2, --trainer.num_nodes 1)" in line
     assert "Set --trainer.devices 1 --trainer.num_nodes 1, or train one teacher." in line
+
+
+def test_preflight_reads_each_prompt_source_once(inputs, capsys, monkeypatch, no_weight_loading):
+    # Every data check runs (responses, teacher names, prompt lengths); the unwritable root then stops the fit.
+    import oprd.cli.preflight as preflight
+
+    read, load = [], preflight.load_prompts
+    monkeypatch.setattr(
+        preflight, "load_prompts", lambda source, split, **kw: read.append((source, split)) or load(source, split, **kw)
+    )
+    prompts = inputs / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 1 plus 1?", "answer": "2", "response": "2"}) + "\n")
+    flags = ["--data.train", str(prompts), "--data.val", str(prompts), "--model.rollout.lmbda", "0.5"]
+    flags += ["--model.truncate_prompts", "false", "--model.teachers", '{"b": {"model": {"path": "tiny"}}}']
+    line = fit_fails(capsys, *flags, "--trainer.default_root_dir", str(inputs / "a-file" / "root"))
+    assert "--trainer.default_root_dir" in line and "cannot be written" in line
+    assert sorted(read) == [(str(prompts), "train"), (str(prompts), "val")]
