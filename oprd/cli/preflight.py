@@ -269,10 +269,13 @@ def check_teacher_names(teachers: dict[str, Any], prompts: dict[tuple[str, str],
 
 
 def check_one_process(trainer) -> None:
-    """Several teachers train in one process for now (`Distiller.shard` says why): refuse 2+ devices or nodes given
-    on the command line or in a config. `devices: auto` on several GPUs is refused when the strategy starts."""
+    """Several teachers train in one process for now (`Distiller.shard` says why): refuse 2+ devices or nodes, given
+    as numbers, lists or `auto` (which takes every visible GPU when the accelerator may be a GPU)."""
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-    if isinstance(devices, str) and devices != "auto":
+    if devices == "auto":
+        on_gpu = trainer.get("accelerator") in ("auto", "gpu", "cuda", None) and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if on_gpu else 1
+    elif isinstance(devices, str):
         devices = len(devices.split(",")) if "," in devices else int(devices)
     count = len(devices) if isinstance(devices, list | tuple) else devices
     if nodes > 1 or (isinstance(count, int) and count != 1):

@@ -321,6 +321,18 @@ def test_several_teachers_on_two_devices_are_refused_before_any_model_loads(caps
     assert "Set --trainer.devices 1 --trainer.num_nodes 1, or train one teacher." in line
 
 
+def test_several_teachers_with_devices_auto_count_the_visible_gpus(capsys, monkeypatch, no_weight_loading):
+    teachers = '{"b": {"model": {"path": "tiny"}}}'
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    flags = ["--model.teachers", teachers, "--trainer.devices", "auto"]
+    line = fit_fails(capsys, *flags, "--trainer.accelerator", "auto")
+    assert "--model.teachers runs in one process for now (--trainer.devices auto," in line
+    # On the CPU, `auto` is one device: the run goes on to the next check (here: an unwritable root).
+    line = fit_fails(capsys, *flags, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", "/dev/null/root")
+    assert "--trainer.default_root_dir /dev/null/root cannot be written" in line
+
+
 def test_preflight_reads_each_prompt_source_once(inputs, capsys, monkeypatch, no_weight_loading):
     # Every data check runs (responses, teacher names, prompt lengths); the unwritable root then stops the fit.
     import oprd.cli.preflight as preflight
