@@ -98,7 +98,12 @@ def wide_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> li
     `arithmetic-large` or `arithmetic-rephrased`, and no prompt is in another phrasing."""
     if split == "val":
         return arithmetic_examples("val", seed=seed, num_val=num_val)
-    return arithmetic_examples(split, seed=seed, num_val=num_val) + large_examples(split, seed=seed, num_val=num_val)
+    return [sum_example("What is {a} plus {b}?", a, b) for a, b in both_ranges(split, seed, num_val)]
+
+
+def both_ranges(split: str, seed: int, num_val: int) -> list[tuple[int, int]]:
+    """The pairs of `arithmetic` then of `arithmetic-large` in `split` (`split_pairs` of each range)."""
+    return split_pairs(split, seed, num_val, *TRAINING_RANGE) + split_pairs(split, seed, num_val, *LARGE_RANGE)
 
 
 def varied_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> list[dict[str, Any]]:
@@ -108,9 +113,8 @@ def varied_examples(split: str = "train", seed: int = 0, num_val: int = 100) -> 
     wide = wide_examples(split, seed=seed, num_val=num_val)
     if split == "val":
         return wide
-    pairs = split_pairs(split, seed, num_val, *TRAINING_RANGE) + split_pairs(split, seed, num_val, *LARGE_RANGE)
     phrasings = itertools.cycle(TRAINED_REPHRASINGS)
-    return wide + [sum_example(next(phrasings), a, b) for a, b in pairs]
+    return wide + [sum_example(next(phrasings), a, b) for a, b in both_ranges(split, seed, num_val)]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

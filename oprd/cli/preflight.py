@@ -288,20 +288,20 @@ def check_one_process(trainer) -> None:
 
 
 def check_prompt_lengths(
-    model: dict[str, Any], prompts_of: dict[tuple[str, str], list[dict[str, Any]]], chunk: int = 256
+    model: dict[str, Any], prompts: dict[tuple[str, str], list[dict[str, Any]]], chunk: int = 256
 ) -> None:
     """With `truncate_prompts: false`, every prompt fits `max_prompt_length` tokens (only the tokenizer loads for
     this; otherwise the first over-long prompt stops the run part-way through training).
 
     Args:
-        prompts_of: each (prompt source, split)'s prompts.
+        prompts: each (prompt source, split)'s prompts.
     """
     tokenizer = pair_tokenizer(model.get("tokenizer"), model["teacher"], model["student"])
     limit = model.get("max_prompt_length", 512)
-    for (source, split), items in prompts_of.items():
-        prompts = [item["prompt"] for item in items]
-        for start in range(0, len(prompts), chunk):
-            lengths = format_prompts(tokenizer, prompts[start : start + chunk])["attention_mask"].sum(dim=1)
+    for (source, split), items in prompts.items():
+        texts = [item["prompt"] for item in items]
+        for start in range(0, len(texts), chunk):
+            lengths = format_prompts(tokenizer, texts[start : start + chunk])["attention_mask"].sum(dim=1)
             longest = int(lengths.max())
             if longest > limit:
                 number = start + int(lengths.argmax()) + 1
