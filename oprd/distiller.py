@@ -282,23 +282,23 @@ class Distiller:
         teacher = self.pair.teacher_states(roll, self.objective.points("teacher", head))
         return self.pair.student_states(roll, self.objective.points("student", head)), teacher
 
-    def distill_routed(self, roll: Rollout, names: list[str | None] | None) -> LossTerms:
+    def distill_routed(self, roll: Rollout, names: list[str | None] | None, step: int | None = None) -> LossTerms:
         """`distill` with each prompt's rows against its own teacher (`route`); one teacher: `distill` itself."""
         if names is None:
-            return self.distill(roll)
+            return self.distill(roll, step=step)
         routes = self.route(names, len(names))
         if not self.others:
-            return self.distill(roll)  # every prompt is model.teacher's: `route` refuses any other name
+            return self.distill(roll, step=step)  # every prompt is model.teacher's: `route` refuses any other name
         per_prompt = len(roll.input_ids) // len(names)  # rows are prompt-major: num_generations per prompt
         parts = {}
         for name, distiller, indices in routes:
             rows = [index * per_prompt + k for index in indices for k in range(per_prompt)]
-            parts[name] = distiller.distill(roll.select(rows))
+            parts[name] = distiller.distill(roll.select(rows), step=step)
         return LossTerms.merged(parts)
 
-    def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None) -> LossTerms:
+    def distill(self, roll: Rollout, teacher: dict[Point, Tensor] | None = None, step: int | None = None) -> LossTerms:
         """The update's forward on one rollout: teacher states (no grad; given, or computed), student states, then
-        the objective."""
+        the objective at optimizer step `step` (its weights; None: those after any warm start)."""
         objective, targets = self.objective, None
         if teacher is None:  # a remote teacher works on this request while the student's forward runs here
             # With a calibrated Bridge, a remote teacher sends its r coordinates per token and pair, not its d_t states.
@@ -310,7 +310,7 @@ class Distiller:
             teacher, targets = answer()
             targets = targets or None
         heads = self.pair.heads() if objective.needs_head or gap else None
-        terms = objective(student, teacher, roll, heads if objective.needs_head else None, targets=targets)
+        terms = objective(student, teacher, roll, heads if objective.needs_head else None, targets=targets, step=step)
         if gap:
             terms.rollout_logprob_gap = objective.rollout_logprob_gap(student[NORM], roll, heads)
         return terms

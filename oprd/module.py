@@ -108,7 +108,7 @@ class DistillModule(L.LightningModule):
         with saved_if_teacher_lost(self.trainer):
             roll, on_policy, lmbda = self.distiller.step_responses(batch, self.global_step, seed)
             self.meter.rollout_done(int(roll.response_mask.sum()), int(roll.attention_mask.sum()))
-            terms = self.distiller.distill_routed(roll, batch.get("teacher"))
+            terms = self.distiller.distill_routed(roll, batch.get("teacher"), self.global_step)
         if self.guard.check_loss(self.trainer, terms.named()):
             self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
             return None  # skips this micro-batch

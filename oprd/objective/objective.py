@@ -56,6 +56,29 @@ def with_model_logit_transforms(config: TokenLossConfig | None, model_config) ->
 
 
 @dataclass(frozen=True)
+class WarmStartWeights:
+    """The objective's weights for the first `steps` optimizer steps (`model.objective.warm_start`), e.g. the hidden
+    term alone while the rollout trains on the data's reference answers (`rollout.lmbda_start: 0` for `lmbda_steps`)."""
+
+    steps: int
+    """How many optimizer steps (from step 0) take these weights; the objective's own weights from then on."""
+    hidden_weight: float = 1.0
+    """mu in those steps."""
+    token_weight: float = 0.0
+    """The token-space term's weight in those steps."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}.")
+        for name in ("hidden_weight", "token_weight"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+        if self.hidden_weight == 0 and self.token_weight == 0:
+            raise ValueError("hidden_weight and token_weight are both 0: nothing to optimise in the warm start.")
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     """What the student is trained against (`model.objective`; see `Objective`)."""
 
@@ -79,6 +102,10 @@ class ObjectiveConfig:
     """The weight of the token-space term."""
     balance: bool = False
     """Rescale the hidden term to the token term's magnitude (a detached ratio) before weighting."""
+    warm_start: WarmStartWeights | None = None
+    """Other weights for the first `warm_start.steps` optimizer steps (a function of the step alone, so every rank
+    and a resumed run agree); None: `hidden_weight` and `token_weight` throughout. Every configured term is computed
+    and logged in every step, the one weighted 0 too."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_weight", "token_weight"):
@@ -95,6 +122,11 @@ class ObjectiveConfig:
             raise ValueError(
                 "balance true rescales the hidden term to the token term, and there is no token term: set "
                 "model.objective.token_loss (e.g. {objective: reverse_kl}), or drop model.objective.balance."
+            )
+        if self.warm_start is not None and self.warm_start.token_weight > 0 and self.token_loss is None:
+            raise ValueError(
+                "model.objective.warm_start.token_weight > 0 weights a token term, and there is none: set "
+                "model.objective.token_loss (e.g. {objective: forward_kl}), or warm_start.token_weight 0."
             )
 
 
@@ -207,6 +239,7 @@ class Objective(nn.Module):
         projector: `linear` (`Linear(d_S, d_T)` per pair, trained), `bridge` (a calibrated shared subspace) or
             `select` (parameter-free: each student channel against one teacher channel, matched by calibration).
         bridge: the Bridge's calibration settings (its collection settings also serve `select`).
+        warm_start: other weights for the first optimizer steps (`weights_at`).
     """
 
     def __init__(
@@ -223,6 +256,7 @@ class Objective(nn.Module):
         seed: int = 0,
         projector: Projector = "linear",
         bridge: BridgeConfig = BridgeConfig(),
+        warm_start: WarmStartWeights | None = None,
     ) -> None:
         super().__init__()
         if hidden_weight <= 0 and token_loss is None:
@@ -231,7 +265,9 @@ class Objective(nn.Module):
         check_head_reproducible(student_config)
         check_head_reproducible(teacher_config)
         check_same_logit_transforms(student_config, teacher_config)
-        self.pairs = list(pairs) if hidden_weight > 0 else []
+        self.warm_start = warm_start
+        hidden = hidden_weight > 0 or (warm_start is not None and warm_start.hidden_weight > 0)
+        self.pairs = list(pairs) if hidden else []
         self.hidden_loss, self.hidden_weight = hidden_loss, hidden_weight
         self.token_loss = with_model_logit_transforms(token_loss, student_config)
         self.eval_kl = with_model_logit_transforms(EVAL_KL, student_config)
@@ -263,6 +299,13 @@ class Objective(nn.Module):
         settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
         del settings["layer_map"]
         return cls(pairs, student_config, teacher_config, vocab_size, seed=seed, **settings)
+
+    def weights_at(self, step: int | None) -> tuple[float, float]:
+        """`(hidden_weight, token_weight)` of optimizer step `step` (0-based): the warm start's in its first steps, the
+        objective's own after them and when `step` is None (held-out scoring)."""
+        if step is not None and self.warm_start is not None and step < self.warm_start.steps:
+            return self.warm_start.hidden_weight, self.warm_start.token_weight
+        return self.hidden_weight, self.token_weight
 
     @property
     def needs_calibration(self) -> bool:
@@ -303,6 +346,7 @@ class Objective(nn.Module):
         heads: Heads | None = None,
         token_loss: TokenLossConfig | None = None,
         targets: dict[str, Tensor] | None = None,
+        step: int | None = None,
     ) -> LossTerms:
         """Every term on one rollout.
 
@@ -314,11 +358,13 @@ class Objective(nn.Module):
             token_loss: the token term to compute (default: the configured one; `eval_kl` for held-out scoring).
             targets: each pair's teacher target, when the teacher computed it (`teacher_projection`); `teacher`
                 then needs no pair's state.
+            step: the optimizer step, which picks the weights (`weights_at`).
         """
         token_loss = token_loss or self.token_loss
+        hidden_weight, token_weight = self.weights_at(step)
         terms = LossTerms(loss=roll.response_mask.new_zeros((), dtype=torch.float32), hidden=None)
         terms.hidden = terms.loss
-        terms.hidden_weight = torch.tensor(float(self.hidden_weight))
+        terms.hidden_weight = torch.tensor(float(hidden_weight))
         responses = roll.response_mask.sum()
         selected = select_positions(roll.response_mask, self.hidden_loss.positions, self.hidden_loss.k).sum()
         terms.tokens = responses if token_loss is not None else selected
@@ -338,16 +384,16 @@ class Objective(nn.Module):
                 terms.pairs = {label: value * scale for label, value in terms.pairs.items()}
             sums = torch.stack(list(terms.pairs.values()))
             terms.hidden = self.layer_weighting(sums, terms.tokens)
-        terms.loss = self.hidden_weight * terms.hidden
+        terms.loss = hidden_weight * terms.hidden
         if token_loss is not None:
             if heads is None:
                 raise ValueError("A token-space term needs the models' output heads.")
             terms.token = self.token_sum(student[NORM], teacher[NORM], roll, heads, token_loss)
             if self.balance and self.pairs:
                 ratio = terms.token.detach() / terms.hidden.detach().clamp_min(1e-12)
-                terms.hidden_weight = self.hidden_weight * ratio
-            terms.token_weight = self.token_weight
-            terms.loss = self.token_weight * terms.token + terms.hidden_weight * terms.hidden
+                terms.hidden_weight = hidden_weight * ratio
+            terms.token_weight = token_weight
+            terms.loss = token_weight * terms.token + terms.hidden_weight * terms.hidden
         return terms
 
     def rollout_logprob_gap(self, student_norm: Tensor, roll: Rollout, heads: Heads) -> Tensor:

@@ -165,7 +165,8 @@ def test_objective_fragments_train_and_log_token_kl(fragment, tmp_path):
         assert min(kl) > 0
     assert float(next(r["val/reverse_kl"] for r in rows if r.get("val/reverse_kl"))) > 0
     hidden = [float(r["train/hidden"]) for r in rows if r.get("train/hidden")]
-    has_hidden = objective.get("hidden_weight", 1.0) > 0
+    warm_start = objective.get("warm_start")  # its hidden weight (default 1) keeps the term for its steps
+    has_hidden = max(objective.get("hidden_weight", 1.0), warm_start.get("hidden_weight", 1.0) if warm_start else 0) > 0
     assert (max(hidden) > 0) == has_hidden
     # The fragment's objective is the one that ran, and it trained the student.
     checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)

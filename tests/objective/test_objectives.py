@@ -1,5 +1,5 @@
 """The hidden-state objective variants equal their formulas written out here: the teacher-standardised MSE with
-running statistics, and the layer weightings."""
+running statistics, and the layer weightings; a warm start's weights hold for its steps, in a run and after a resume."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 
 from oprd.data import PromptDataModule
 from oprd.losses.hidden import HiddenLossConfig, hidden_standardized_mse
+from oprd.losses.token import TokenLossConfig
 from oprd.losses.weighting import LayerWeighting
+from oprd.objective.objective import WarmStartWeights
 from oprd.objective.statistics import STD_FLOOR, RunningMoments
 from tests.helpers import make_module, trainer
 
@@ -105,3 +107,52 @@ def test_learned_layer_weights_train_with_the_projectors(tmp_path):
     assert any(p is module.objective.layer_weighting.log_variance for p in module.objective.parameters())
     trainer(tmp_path, max_steps=3).fit(module, PromptDataModule(batch_size=2))
     assert not torch.equal(module.objective.layer_weighting.log_variance.detach(), torch.zeros(2))
+
+
+# The hidden term alone for two steps, then the forward KL alone: the recipe that puts hidden states where they are
+# fastest (reference answers) and the KL where the student samples.
+HIDDEN_THEN_KL = {
+    "hidden_weight": 0.0,
+    "token_loss": TokenLossConfig(objective="forward_kl", estimator="exact"),
+    "warm_start": WarmStartWeights(steps=2, hidden_weight=1.0, token_weight=0.0),
+}
+
+
+def test_a_warm_start_weighs_both_computed_terms_by_the_step():
+    module = make_module(objective=HIDDEN_THEN_KL)
+    assert module.objective.pairs  # the hidden term is kept for the warm start, though weighted 0 after it
+    roll = module.distiller.sample(["What is 1 plus 2?", "What is 3 plus 4?"], module.distiller.rollout, seed=0)
+    with torch.no_grad():
+        by_step = {step: module.distiller.distill(roll, step=step) for step in (0, 1, 2, 7, None)}
+    hidden, token = by_step[0].hidden, by_step[0].token
+    assert hidden > 0 and token > 0
+    for step, terms in by_step.items():
+        assert torch.equal(terms.hidden, hidden) and torch.equal(terms.token, token)  # both computed in every step
+        warm = step is not None and step < 2
+        assert torch.equal(terms.loss, hidden if warm else token), step
+        metrics = terms.metrics()
+        assert (float(metrics["hidden_weight"]), float(metrics["token_weight"])) == ((1.0, 0.0) if warm else (0, 1))
+
+
+def test_the_warm_start_weights_follow_the_global_step_through_a_resume(tmp_path):
+    def weights_by_step(module) -> dict[int, tuple[float, float]]:
+        seen, original = {}, module.distiller.distill_routed
+
+        def recording(roll, names, step=None):
+            terms = original(roll, names, step)
+            seen[step] = float(terms.hidden_weight), terms.token_weight
+            return terms
+
+        module.distiller.distill_routed = recording
+        return seen
+
+    first = make_module(objective=HIDDEN_THEN_KL)
+    seen = weights_by_step(first)
+    fit = trainer(tmp_path, max_steps=3)
+    fit.fit(first, PromptDataModule(batch_size=2))
+    assert seen == {0: (1.0, 0.0), 1: (1.0, 0.0), 2: (0.0, 1.0)}
+    fit.save_checkpoint(tmp_path / "step3.ckpt")
+    resumed = make_module(objective=HIDDEN_THEN_KL)
+    seen = weights_by_step(resumed)
+    trainer(tmp_path, max_steps=5).fit(resumed, PromptDataModule(batch_size=2), ckpt_path=tmp_path / "step3.ckpt")
+    assert seen == {3: (0.0, 1.0), 4: (0.0, 1.0)}
