@@ -23,15 +23,16 @@ NO_ANSWERS = (
 
 
 def heldout_items(data: dict[str, Any], eval_prompts: int) -> list[dict[str, Any]]:
-    """The held-out prompts a comparison scores (as `run_one` takes them), refusing fewer than two.
+    """The held-out prompts a comparison scores, refusing fewer than two.
 
     Args:
-        data: the run's `data` settings (`PromptDataModule`'s arguments).
+        data: the run's `data` settings (`PromptDataModule`'s arguments). `data.max_val_prompts` caps the trainer's
+            own validation, which a comparison does not run: it does not cap these.
         eval_prompts: at most this many (`--eval_prompts`).
     """
     source = heldout_source(data["train"], data["val"])
     loaded = [] if source is None else load_prompts(source, "val", seed=data["seed"], num_val=data["num_val"])
-    items = loaded[: data["max_val_prompts"]][:eval_prompts]
+    items = loaded[:eval_prompts]
     if len(items) < 2:
         raise ValueError(too_few_heldout(data, len(loaded)))
     return items
@@ -41,8 +42,6 @@ def too_few_heldout(data: dict[str, Any], count: int) -> str:
     """Why a comparison has fewer than two held-out prompts (`count` were loaded), and what to change."""
     if heldout_source(data["train"], data["val"]) is None:
         why = 'there are none: add `-- --data.val prompts.jsonl` (one {"prompt": ..., "answer": ...} per line)'
-    elif data["max_val_prompts"] is not None and data["max_val_prompts"] < 2:
-        why = f"data.max_val_prompts is {data['max_val_prompts']}: raise it"
     elif data["val"] is None:  # the held-out split of a built-in task
         why = f"data.num_val is {data['num_val']}: raise it"
     else:

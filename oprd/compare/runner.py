@@ -77,7 +77,8 @@ class CompareSettings:
     time_s: float | None = None
     """Training seconds per run with `budget: time`."""
     eval_prompts: int = 64
-    """Held-out prompts scored (half pick the learning rate, half report it)."""
+    """Held-out prompts scored (half pick the learning rate, half report it); `data.max_val_prompts` caps the
+    trainer's own validation, which a comparison does not run, not these."""
     select: Literal["reverse_kl", "accuracy"] = "reverse_kl"
     """The selection-split metric that picks each objective's learning rate."""
     final_heldout: list[str] = field(default_factory=list)
@@ -159,6 +160,9 @@ def fit_args(settings: CompareSettings, objective: str, lr: float | None) -> lis
     args += ["--trainer.logger", "oprd.evaluation.report.AutoWandbLogger", "--trainer.logger.save_dir", str(root)]
     args += ["--trainer.logger.group", settings.group, "--trainer.logger.name", run_name(objective, lr)]
     args += ["--trainer.logger.project", "oprd-compare", "--trainer.num_sanity_val_steps", "0"]
+    # The probe scores the held-out prompts itself, off the clock; the trainer's own validation would repeat that
+    # on `data.max_val_prompts` prompts inside a step's training seconds.
+    args += ["--trainer.limit_val_batches", "0"]
     if settings.steps is not None:
         args += ["--trainer.max_steps", str(settings.steps)]
     if settings.budget == "time":
@@ -210,11 +214,8 @@ def run_one(
     and `{"step", "why"}` when the run stopped on a non-finite loss or gradient (a result of the comparison: the
     other rates still run)."""
     cli = fits.build(fit_args(settings, objective, lr))
-    cli.datamodule.setup("fit")
-    items = cli.datamodule.val_items[: settings.eval_prompts]
-    if len(items) < 2:  # checked before the first run too (`checks.heldout_items`)
-        raise ValueError(checks.too_few_heldout(cli.datamodule.hparams, len(cli.datamodule.val_items)))
     hp = cli.datamodule.hparams
+    items = checks.heldout_items(hp, settings.eval_prompts)
     final = {source: load_prompts(source, "val", seed=hp.seed, num_val=hp.num_val)[: settings.eval_prompts]
              for source in settings.final_heldout}  # fmt: skip
     steps = cli.trainer.max_steps

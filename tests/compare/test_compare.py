@@ -51,6 +51,7 @@ def compared(tmp_path_factory):
             "--lr", "3e-3", "1e-2", "opd=1e-2", "--steps", "4", "--eval_every", "2", "--eval_prompts", "8",
             "--final_heldout", "arithmetic-rephrased", "--out", str(out),
             "--", "--data.batch_size", "2", "--trainer.enable_progress_bar", "false",
+            "--data.max_val_prompts", "2", "--trainer.val_check_interval", "2",  # neither applies to the comparison
         ])  # fmt: skip
     return out, json.loads((out / "compare.json").read_text())
 
@@ -69,6 +70,8 @@ def test_compare_writes_every_run_and_chooses_each_objectives_rate(compared):
         assert entry["final_only"]["arithmetic-rephrased"]["step"] == 4
     assert {run["memory"] for run in result["runs"]} == {"update peak (CPU allocation replay)"}
     assert not result["summary"]["one_shared_learning_rate"]
+    # --eval_prompts 8: 4 per split, though data.max_val_prompts is 2 (it caps the trainer's validation, not these)
+    assert {row["answered"] for row in result["rows"] if row["split"] in ("test", "selection")} == {4.0}
 
 
 def test_compare_starts_every_run_from_the_same_weights_and_scores_every_n_steps(compared):
@@ -95,6 +98,7 @@ def test_compare_logs_one_wandb_run_per_objective_and_rate_in_one_group(compared
     for run_dir, info in zip(run_dirs, infos, strict=True):
         history = wandb_reader.history(run_dir)
         assert any("train/loss" in row for row in history)
+        assert not any(key.startswith("val/") for row in history for key in row)  # only the probe scores held-out
         objective, lr = {"opd-lr0.01": ("opd", 1e-2), "oprd-lr0.003": ("oprd", 3e-3), "oprd-lr0.01": ("oprd", 1e-2)}[
             info["name"]
         ]
@@ -544,7 +548,6 @@ def test_too_few_held_out_prompts_or_accuracy_without_answers_are_refused_with_w
     one.write_text('{"prompt": "What is 2 plus 2?", "answer": "4"}\n')
     too_few = "at least 2 held-out prompts .* and data.val .*one.jsonl holds 1: add prompts to it"
     _refused(tmp_path, too_few, extra=["--data.val", str(one)])
-    _refused(tmp_path, "and data.max_val_prompts is 1: raise it", extra=["--data.max_val_prompts", "1"])
     _refused(tmp_path, "and data.num_val is 1: raise it", extra=["--data.num_val", "1"])
     _refused(tmp_path, "and there are none: add `-- --data.val", extra=["--data.train", str(one)])
     unanswered = tmp_path / "unanswered.jsonl"
