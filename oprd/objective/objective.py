@@ -55,6 +55,15 @@ def with_model_logit_transforms(config: TokenLossConfig | None, model_config) ->
     return dataclasses.replace(config, **updates) if updates else config
 
 
+def check_weights(config: ObjectiveConfig | WarmStartWeights) -> None:
+    """`config.hidden_weight` and `config.token_weight` are >= 0 and finite."""
+    for name in ("hidden_weight", "token_weight"):
+        value = getattr(config, name)
+        # Written so that NaN fails too (YAML reads `.nan` and `.inf` as floats); a NaN weight makes every loss NaN.
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+
+
 @dataclass(frozen=True)
 class WarmStartWeights:
     """The objective's weights for the first `steps` optimizer steps (`model.objective.warm_start`), e.g. the hidden
@@ -70,10 +79,7 @@ class WarmStartWeights:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
-        for name in ("hidden_weight", "token_weight"):
-            value = getattr(self, name)
-            if not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+        check_weights(self)
         if self.hidden_weight == 0 and self.token_weight == 0:
             raise ValueError("hidden_weight and token_weight are both 0: nothing to optimise in the warm start.")
 
@@ -108,11 +114,7 @@ class ObjectiveConfig:
     and logged in every step, the one weighted 0 too."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden_weight", "token_weight"):
-            value = getattr(self, name)
-            # Written so that NaN fails too (YAML reads `.nan` and `.inf` as floats); a NaN weight makes every loss NaN.
-            if not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+        check_weights(self)
         if self.hidden_weight == 0 and self.token_loss is None:
             raise ValueError(
                 "hidden_weight 0 with no token_loss leaves nothing to optimise: set hidden_weight > 0, or a "
