@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from oprd.data import NO_HELDOUT, PromptDataModule, format_prompts, heldout_source, load_prompts
+from oprd.data import NO_HELDOUT, PromptDataModule, arithmetic_examples, format_prompts, heldout_source, load_prompts
+from oprd.demo.arith import ARITH_SEED
 from oprd.distiller import DEFAULT_TEACHER
 from oprd.hparams import MOVED, from_plain, moved_message, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
@@ -25,6 +27,8 @@ from oprd.module import DistillModule
 from oprd.rollout.engine import check_strategy
 from oprd.rollout.vllm import NO_VLLM
 from oprd.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 """`--ckpt_path` values Lightning resolves itself (`last`: the newest `last*.ckpt` in the checkpoint folder)."""
@@ -191,6 +195,9 @@ def check_config(subcommand: str, config) -> None:
     if train is not None:
         check_off_policy_responses(model["rollout"], train, prompts[train, "train"])
     check_teacher_names(model["teachers"], prompts)
+    heldout = heldout_source(data["train"], data["val"])
+    if heldout is not None:
+        warn_heldout_tuned_on(getattr(model["teacher"], "path", None), prompts[heldout, "val"], data["seed"])
     if model["teachers"]:
         check_one_process(config.trainer)
     if not model.get("truncate_prompts", True):
@@ -200,6 +207,27 @@ def check_config(subcommand: str, config) -> None:
         check_writable(config.checkpoint.dirpath, "--checkpoint.dirpath")
     for folder in logger_folders(config.trainer.logger):
         check_writable(folder, "--trainer.logger.init_args.save_dir")
+
+
+ARITH_TEACHER = "smollm2-135m-instruct-arith"
+"""The built-in demo teacher, fine-tuned on the training split of the built-in `arithmetic` at `data.seed` 0."""
+
+
+def warn_heldout_tuned_on(teacher: str | None, heldout: list[dict[str, Any]], seed: int) -> None:
+    """Warn when held-out prompts are prompts the built-in arithmetic teacher was fine-tuned on: another `data.seed`
+    splits the same pairs otherwise, so most of its held-out pairs were the teacher's training pairs. The student
+    never trains on them, but the teacher's accuracy and the teacher-scored KL on them are flattered."""
+    if teacher != ARITH_TEACHER:
+        return
+    tuned = {item["prompt"] for item in arithmetic_examples("train", seed=ARITH_SEED)}
+    seen = sum(item["prompt"] in tuned for item in heldout)
+    if seen:
+        log.warning(
+            "%d of the %d held-out prompts are prompts the teacher %s was fine-tuned on (the training split of "
+            "data.seed %d; this run holds out data.seed %d's): its accuracy and the teacher-scored KL there are "
+            "flattered. Keep --data.seed %d with this teacher for held-out figures.",
+            seen, len(heldout), ARITH_TEACHER, ARITH_SEED, seed, ARITH_SEED,
+        )  # fmt: skip
 
 
 def check_trainer(trainer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from oprd.cli import main
-from oprd.cli.preflight import taken_from_checkpoint
-from oprd.data import read_jsonl
+from oprd.cli.compare import parse_fit
+from oprd.cli.preflight import ARITH_TEACHER, taken_from_checkpoint, warn_heldout_tuned_on
+from oprd.data import load_prompts, read_jsonl
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from tests.helpers import ROOT, make_module
@@ -348,3 +350,23 @@ def test_preflight_reads_each_prompt_source_once(inputs, capsys, monkeypatch, no
     line = fit_fails(capsys, *flags, "--trainer.default_root_dir", str(inputs / "a-file" / "root"))
     assert "--trainer.default_root_dir" in line and "cannot be written" in line
     assert sorted(read) == [(str(prompts), "train"), (str(prompts), "val")]
+
+
+def test_held_out_prompts_the_demo_teacher_was_tuned_on_are_warned_of_before_any_model_loads(caplog):
+    # The demo teacher was tuned on data.seed 0's training pairs of 1..20: another seed's held-out pairs are those
+    # pairs but for the few that seed 0 also holds out.
+    seed1 = load_prompts("arithmetic", "val", seed=1)
+    also_held_out_at_seed0 = {x["prompt"] for x in seed1} & {x["prompt"] for x in load_prompts("arithmetic", "val")}
+    quickstart = ["--config", str(ROOT / "configs/quickstart.yaml")]
+    with caplog.at_level(logging.WARNING, logger="oprd.cli.preflight"):
+        parse_fit(quickstart)  # data.seed 0: nothing to warn of
+        warn_heldout_tuned_on("smollm2-135m-instruct", seed1, 1)  # not the tuned teacher
+        assert not caplog.records
+        parse_fit([*quickstart, "--data.seed", "1"])
+    tuned = len(seed1) - len(also_held_out_at_seed0)
+    assert 50 < tuned < 100
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tuned} of the 100 held-out prompts are prompts the teacher {ARITH_TEACHER} was fine-tuned on (the "
+        "training split of data.seed 0; this run holds out data.seed 1's): its accuracy and the teacher-scored KL "
+        "there are flattered. Keep --data.seed 0 with this teacher for held-out figures."
+    ]
