@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from oprd.data import NO_HELDOUT, PromptDataModule, arithmetic_examples, format_prompts, heldout_source, load_prompts
-from oprd.demo.arith import ARITH_SEED
+from oprd.data import NO_HELDOUT, PromptDataModule, format_prompts, heldout_source, load_prompts
+from oprd.demo.arith import ARITH_SEED, ARITH_TEACHER, tuning_examples
 from oprd.distiller import DEFAULT_TEACHER
 from oprd.hparams import MOVED, from_plain, moved_message, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec
@@ -179,10 +179,11 @@ def check_config(subcommand: str, config) -> None:
     check_strategy(model["rollout"].engine, config.trainer.strategy)
     data = config.data.as_dict()
     PromptDataModule(**data)
-    if subcommand != "fit" and heldout_source(data["train"], data["val"]) is None:
+    heldout = heldout_source(data["train"], data["val"])
+    if subcommand != "fit" and heldout is None:
         raise ValueError(NO_HELDOUT.format(stage=subcommand))
     train = data["train"] if subcommand == "fit" else None
-    sources = [(train, "train"), (heldout_source(data["train"], data["val"]), "val")]
+    sources = [(train, "train"), (heldout, "val")]
     prompts = {  # each source read once, here, so an unreadable or malformed one fails before any other check
         (source, split): load_prompts(source, split, seed=data["seed"], num_val=data["num_val"])
         for source, split in sources
@@ -195,7 +196,6 @@ def check_config(subcommand: str, config) -> None:
     if train is not None:
         check_off_policy_responses(model["rollout"], train, prompts[train, "train"])
     check_teacher_names(model["teachers"], prompts)
-    heldout = heldout_source(data["train"], data["val"])
     if heldout is not None:
         warn_heldout_tuned_on(getattr(model["teacher"], "path", None), prompts[heldout, "val"], data["seed"])
     if model["teachers"]:
@@ -209,17 +209,13 @@ def check_config(subcommand: str, config) -> None:
         check_writable(folder, "--trainer.logger.init_args.save_dir")
 
 
-ARITH_TEACHER = "smollm2-135m-instruct-arith"
-"""The built-in demo teacher, fine-tuned on the training split of the built-in `arithmetic` at `data.seed` 0."""
-
-
 def warn_heldout_tuned_on(teacher: str | None, heldout: list[dict[str, Any]], seed: int) -> None:
     """Warn when held-out prompts are prompts the built-in arithmetic teacher was fine-tuned on: another `data.seed`
     splits the same pairs otherwise, so most of its held-out pairs were the teacher's training pairs. The student
     never trains on them, but the teacher's accuracy and the teacher-scored KL on them are flattered."""
     if teacher != ARITH_TEACHER:
         return
-    tuned = {item["prompt"] for item in arithmetic_examples("train", seed=ARITH_SEED)}
+    tuned = {item["prompt"] for item in tuning_examples()}
     seen = sum(item["prompt"] in tuned for item in heldout)
     if seen:
         log.warning(

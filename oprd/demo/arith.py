@@ -28,6 +28,13 @@ ARITH_BATCH = 16
 ARITH_LR = 5e-5
 ARITH_CLIP = 1.0
 ARITH_SEED = 0
+ARITH_TEACHER = "smollm2-135m-instruct-arith"
+"""The built-in name of the model this module builds."""
+
+
+def tuning_examples() -> list[dict]:
+    """What the teacher is fine-tuned on: the training split of the built-in `arithmetic` at `data.seed` ARITH_SEED."""
+    return arithmetic_examples("train", seed=ARITH_SEED)
 
 
 def sft_batch(tokenizer, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -57,9 +64,8 @@ def sft_batch(tokenizer, items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def sft_batches(tokenizer, steps: int = ARITH_STEPS, batch_size: int = ARITH_BATCH) -> list[dict[str, torch.Tensor]]:
-    """`steps` batches of `arithmetic_examples("train")`, drawn from seeded shuffled epochs (a fresh permutation
-    each)."""
-    items = arithmetic_examples("train", seed=ARITH_SEED)
+    """`steps` batches of `tuning_examples()`, drawn from seeded shuffled epochs (a fresh permutation each)."""
+    items = tuning_examples()
     generator = torch.Generator().manual_seed(ARITH_SEED)
     epochs = -(-steps * batch_size // len(items))
     order = torch.cat([torch.randperm(len(items), generator=generator) for _ in range(epochs)]).tolist()
