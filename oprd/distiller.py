@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from oprd.models.capture import NORM, Point
 from oprd.models.spec import ModelSpec
-from oprd.objective.calibration import calibrate_projectors
+from oprd.objective.calibration import calibrate_projectors, copy_select_channels
 from oprd.objective.layer_map import LayerMapSpec
 from oprd.objective.objective import LossTerms, Objective, ObjectiveConfig
 from oprd.pair import ModelPair, PairConfigs, choose_student_layers
@@ -332,6 +332,8 @@ class Distiller:
     def _calibrate_own(self, prompts: list[str], batch_size: int) -> dict[str, float]:
         if not self.objective.needs_calibration:
             return {}
+        if not self.pair.remote and copy_select_channels(self.objective.projectors, self.student, self.pair.teacher):
+            return {"select/copied": 1.0}
         return calibrate_projectors(self.objective.projectors, self._calibration_rows, prompts, batch_size, self.seed)
 
     def _calibration_rows(self, prompts: list[str], number: int) -> tuple[dict, dict, Tensor]:

@@ -1,5 +1,6 @@
 """The calibration of the Bridge or of `select` inside `fit`: both models' hidden states at the mapped layers on
-batches of prompts (the student's own rollouts, which the caller produces), then the projectors' own `calibrate`.
+batches of prompts (the student's own rollouts, which the caller produces), then the projectors' own `calibrate`;
+or, for `select` on a student whose channels are copies of the teacher's, that copy (`copy_select_channels`).
 It runs once, before the first training step; the result is part of the checkpoint, so a resumed run skips it.
 """
 
@@ -10,9 +11,10 @@ from collections.abc import Callable
 
 import torch
 from rich.progress import track
-from torch import Tensor
+from torch import Tensor, nn
 
 from oprd.models.capture import Point
+from oprd.objective.select import copied_channels
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +68,27 @@ def calibrate_projectors(projectors, states: Rows, prompts: list[str], batch_siz
     mean_var = sum(v["explained"] for v in report.values()) / len(report)
     log.info(projectors.calibrated_message(rows, mean_var, mean_cos))
     return metrics
+
+
+def copy_select_channels(projectors, student: nn.Module, teacher: nn.Module) -> bool:
+    """`select` on a student whose channels are copies of the teacher's (pruned from it): match each student channel
+    with the one it was copied from, read off the two input embeddings, with no rollouts. False, and nothing done,
+    for other projectors or another student (calibrate those)."""
+    if projectors.kind != "select":
+        return False
+    student_embedding, teacher_embedding = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    channels = copied_channels(_whole(student_embedding), _whole(teacher_embedding))
+    if channels is None:
+        return False
+    projectors.copy_channels(channels)
+    log.info(
+        "select: the student's %d channels are copies of the teacher's (its embedding columns are the teacher's): "
+        "each is compared with the channel it was copied from, without calibration.",
+        len(channels),
+    )
+    return True
+
+
+def _whole(weight: Tensor) -> Tensor:
+    """An FSDP2-sharded (DTensor) weight gathered whole, or the weight itself."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight

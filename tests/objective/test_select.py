@@ -1,6 +1,7 @@
-"""`projector: select`: parameter-free, each student channel against one teacher channel. The matching recovers the
-channels a width-pruned student kept, equals the identity projector for a student that is its teacher, is calibrated
-inside fit and saved, and a wider student is refused before any weight loads."""
+"""`projector: select`: parameter-free, each student channel against one teacher channel. A student pruned from its
+teacher is matched with the channels it copied, read off the embeddings, without rollouts; any other is matched by
+correlation, which recovers the channels a width-pruned student kept, equals the identity projector for a student
+that is its teacher, is calibrated inside fit and saved; a wider student is refused before any weight loads."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from oprd.cli import main
 from oprd.losses.hidden import HiddenLossConfig
 from oprd.models import ModelSpec
 from oprd.models.capture import HiddenCapture
+from oprd.models.prune import prune_layers
 from oprd.models.width import WidthPrune, importance, kept, prune_width, width_pruned_config
 from oprd.objective.bridge import BridgeConfig
-from oprd.objective.select import SelectProjectors, match_channels
+from oprd.objective.select import SelectProjectors, copied_channels, match_channels
 from tests.helpers import ROOT, TEACHER, make_module, tiny_llama
 
 PROMPTS = ["What is 1 plus 2?", "What is 3 plus 4?"]
@@ -46,6 +48,49 @@ def test_the_matching_recovers_the_channels_a_width_pruned_student_kept():
         assert select.channels(label).tolist() == kept(scores.channels, 16).tolist()
         assert report[label]["cosine"] > 0.9 and 0 < report[label]["explained"] < 1
     assert bool(select.calibrated) and not list(select.parameters())
+
+
+def _embedding(model) -> torch.Tensor:
+    return model.get_input_embeddings().weight
+
+
+def test_the_copied_channels_of_a_pruned_student_are_read_off_the_embeddings():
+    teacher = tiny_llama(layers=3, width=32)
+    ids = torch.randint(3, 384, (8, 24), generator=torch.Generator().manual_seed(0))
+    scores = importance(teacher, ids, torch.ones_like(ids))
+    narrow = prune_width(teacher, width_pruned_config(teacher.config, WidthPrune(hidden_size=16)), scores)
+    assert copied_channels(_embedding(narrow), _embedding(teacher)).tolist() == kept(scores.channels, 16).tolist()
+    shallow = prune_layers(teacher, [0, 2])
+    assert copied_channels(_embedding(shallow), _embedding(teacher)).tolist() == list(range(32))
+    # in the teacher's dtype: a bfloat16 teacher's student loaded in float32 still holds its copies
+    assert copied_channels(_embedding(shallow), _embedding(teacher).bfloat16()).tolist() == list(range(32))
+    changed = _embedding(narrow).detach().clone()
+    changed[5, 3] += 1e-3  # one value of one column trained away from its copy
+    assert copied_channels(changed, _embedding(teacher)) is None
+    assert copied_channels(_embedding(tiny_llama(width=32, seed=1)), _embedding(teacher)) is None  # its own weights
+    assert copied_channels(_embedding(tiny_llama(width=16, vocab=256)), _embedding(teacher)) is None  # other vocab
+
+
+@pytest.mark.parametrize(
+    "pruned", [dict(keep_layers=[0, 2]), dict(width=WidthPrune(hidden_size=32, calibration_prompts=4))]
+)
+def test_select_on_a_student_pruned_from_its_teacher_compares_the_copied_channels_without_rollouts(pruned, monkeypatch):
+    module = make_module(
+        student=ModelSpec(config=TEACHER, seed=1, **pruned),  # the teacher's seed: its own weights, then pruned
+        objective={"projector": "select", "hidden_loss": HiddenLossConfig(kind="mse")},
+    )
+    distiller = module.distiller
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("a pruned student's select sampled calibration rollouts")
+
+    monkeypatch.setattr(distiller, "sample", no_rollouts)
+    assert distiller.calibrate(PROMPTS, batch_size=2) == {"select/copied": 1.0}
+    student, teacher = _embedding(distiller.student), _embedding(distiller.pair.teacher)
+    projectors = distiller.objective.projectors
+    for label in projectors.labels:
+        assert torch.equal(student, teacher[:, projectors.channels(label)])
+    assert not distiller.objective.needs_calibration
 
 
 def _terms(module):
