@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from oprd.data import NO_HELDOUT, PromptDataModule, format_prompts, heldout_source, load_prompts
-from oprd.demo.arith import ARITH_SEED, ARITH_TEACHER, tuning_examples
+from oprd.demo.arith import ARITH_SEED, tuning_examples
+from oprd.demo.builtin import ARITH_TEACHER
 from oprd.distiller import DEFAULT_TEACHER
 from oprd.hparams import MOVED, from_plain, moved_message, to_plain, typed_model_args
 from oprd.models.spec import ModelSpec

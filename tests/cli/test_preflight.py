@@ -18,7 +18,7 @@ from oprd.cli import main
 from oprd.cli.compare import parse_fit
 from oprd.cli.preflight import taken_from_checkpoint, warn_heldout_tuned_on
 from oprd.data import load_prompts, read_jsonl
-from oprd.demo.arith import ARITH_TEACHER
+from oprd.demo.builtin import ARITH_TEACHER
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from tests.helpers import ROOT, make_module
