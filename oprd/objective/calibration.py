@@ -90,5 +90,6 @@ def copy_select_channels(projectors, student: nn.Module, teacher: nn.Module) -> 
 
 
 def _whole(weight: Tensor) -> Tensor:
-    """An FSDP2-sharded (DTensor) weight gathered whole, or the weight itself."""
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+    """A weight on the CPU (the two models may sit on different devices), an FSDP2-sharded (DTensor) one gathered
+    whole first."""
+    return (weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().cpu()

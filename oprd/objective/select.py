@@ -14,8 +14,8 @@ from the teacher's: each column of its embedding is a column of the teacher's, a
 the teacher's basis. Its matching is that copy, read off the two embeddings (`copied_channels`), the same at every
 layer and for every seed. Any other student is matched by correlation on states collected before the first step (the
 Bridge's calibration rollouts): each student channel with the teacher channel it already follows most. On a pruned
-student that estimate is noisy: on 15 of the arithmetic teacher's 30 layers it left 3-67% of a layer's channels off
-the copy, and two seeds' samples disagreed on up to 63% of them.
+student that estimate is noisy: on a 15-layer depth pruning of the arithmetic teacher it left up to 67% of a layer's
+channels off the copy, and two seeds' samples disagreed on up to 63% of them.
 """
 
 from __future__ import annotations
