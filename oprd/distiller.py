@@ -26,7 +26,7 @@ from oprd.objective.objective import LossTerms, Objective, ObjectiveConfig
 from oprd.pair import ModelPair, PairConfigs, choose_student_layers
 from oprd.parallel.placement import TeacherPlacement
 from oprd.parallel.remote import RemoteTeacherConfig
-from oprd.parallel.sharding import configure_sharding, freeze_unreached
+from oprd.parallel.sharding import configure_sharding, freeze_unreached, gathered
 from oprd.rollout.engine import get_engine
 from oprd.rollout.mixing import check_responses, coin_seed, is_on_policy
 from oprd.rollout.sampling import Rollout, RolloutConfig, eos_ids, rollout_from_responses
@@ -332,9 +332,12 @@ class Distiller:
     def _calibrate_own(self, prompts: list[str], batch_size: int) -> dict[str, float]:
         if not self.objective.needs_calibration:
             return {}
-        if not self.pair.remote and copy_select_channels(self.objective.projectors, self.student, self.pair.teacher):
-            return {"select/copied": 1.0}
-        return calibrate_projectors(self.objective.projectors, self._calibration_rows, prompts, batch_size, self.seed)
+        projectors = self.objective.projectors
+        if projectors.kind == "select" and not self.pair.remote:  # a remote teacher's weights are not here
+            student, teacher = (gathered(m.get_input_embeddings().weight) for m in (self.student, self.pair.teacher))
+            if copy_select_channels(projectors, student, teacher):
+                return {"select/copied": 1.0}
+        return calibrate_projectors(projectors, self._calibration_rows, prompts, batch_size, self.seed)
 
     def _calibration_rows(self, prompts: list[str], number: int) -> tuple[dict, dict, Tensor]:
         # Seeded apart from the training rollouts (which derive theirs from the step), never from the global RNG.

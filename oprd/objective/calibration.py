@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import torch
 from rich.progress import track
-from torch import Tensor, nn
+from torch import Tensor
 
 from oprd.models.capture import Point
-from oprd.objective.select import copied_channels
+from oprd.objective.select import SelectProjectors, copied_channels
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,12 @@ def calibrate_projectors(projectors, states: Rows, prompts: list[str], batch_siz
     return metrics
 
 
-def copy_select_channels(projectors, student: nn.Module, teacher: nn.Module) -> bool:
+def copy_select_channels(projectors: SelectProjectors, student_embedding: Tensor, teacher_embedding: Tensor) -> bool:
     """`select` on a student whose channels are copies of the teacher's (pruned from it): match each student channel
-    with the one it was copied from, read off the two input embeddings, with no rollouts. False, and nothing done,
-    for other projectors or another student (calibrate those)."""
-    if projectors.kind != "select":
-        return False
-    student_embedding, teacher_embedding = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
-    channels = copied_channels(_whole(student_embedding), _whole(teacher_embedding))
+    with the one it was copied from, read off the two input embeddings (whole, on any device), with no rollouts.
+    False, and nothing done, for another student (calibrate it)."""
+    # On the CPU: the two models may sit on different devices.
+    channels = copied_channels(student_embedding.detach().cpu(), teacher_embedding.detach().cpu())
     if channels is None:
         return False
     projectors.copy_channels(channels)
@@ -87,9 +85,3 @@ def copy_select_channels(projectors, student: nn.Module, teacher: nn.Module) -> 
         len(channels),
     )
     return True
-
-
-def _whole(weight: Tensor) -> Tensor:
-    """A weight on the CPU (the two models may sit on different devices), an FSDP2-sharded (DTensor) one gathered
-    whole first."""
-    return (weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().cpu()

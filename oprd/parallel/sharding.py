@@ -147,13 +147,18 @@ def synced_generation(trainer, model: nn.Module) -> bool:
     return is_sharded(model) or not isinstance(trainer.strategy, (DDPStrategy, ModelParallelStrategy))
 
 
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2-sharded parameter (a DTensor outside the forward) gathered whole, or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def gathered_head(module: nn.Module) -> Head:
-    """An output head module's `Head`, its FSDP2-sharded weight (a DTensor outside the forward) gathered whole for
-    the token loss, which multiplies by the head's weight directly."""
+    """An output head module's `Head`, its FSDP2-sharded weight gathered whole for the token loss, which multiplies
+    by the head's weight directly."""
     head = Head.of(module)
     if not hasattr(head.weight, "full_tensor"):
         return head
-    return Head(head.weight.full_tensor(), None if head.bias is None else head.bias.full_tensor())
+    return Head(gathered(head.weight), None if head.bias is None else gathered(head.bias))
 
 
 def freeze_unreached(
