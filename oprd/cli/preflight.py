@@ -198,7 +198,8 @@ def check_config(subcommand: str, config) -> None:
         check_off_policy_responses(model["rollout"], train, prompts[train, "train"])
     check_teacher_names(model["teachers"], prompts)
     if heldout is not None:
-        warn_heldout_tuned_on(getattr(model["teacher"], "path", None), prompts[heldout, "val"], data["seed"])
+        paths = [getattr(model["teacher"], "path", None)] + [t.model.path for t in model["teachers"].values()]
+        warn_heldout_tuned_on(paths, prompts[heldout, "val"], data["seed"])
     if model["teachers"]:
         check_one_process(config.trainer)
     if not model.get("truncate_prompts", True):
@@ -210,11 +211,15 @@ def check_config(subcommand: str, config) -> None:
         check_writable(folder, "--trainer.logger.init_args.save_dir")
 
 
-def warn_heldout_tuned_on(teacher: str | None, heldout: list[dict[str, Any]], seed: int) -> None:
+def warn_heldout_tuned_on(teachers: list[str | None], heldout: list[dict[str, Any]], seed: int) -> None:
     """Warn when held-out prompts are prompts the built-in arithmetic teacher was fine-tuned on: another `data.seed`
     splits the same pairs otherwise, so most of its held-out pairs were the teacher's training pairs. The student
-    never trains on them, but the teacher's accuracy and the teacher-scored KL on them are flattered."""
-    if teacher != ARITH_TEACHER:
+    never trains on them, but the teacher's accuracy and the teacher-scored KL on them are flattered.
+
+    Args:
+        teachers: the run's teacher paths (`model.teacher`'s and each of `model.teachers`').
+    """
+    if ARITH_TEACHER not in teachers:
         return
     tuned = {item["prompt"] for item in tuning_examples()}
     seen = sum(item["prompt"] in tuned for item in heldout)

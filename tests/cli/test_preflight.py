@@ -18,7 +18,7 @@ from oprd.cli import main
 from oprd.cli.compare import parse_fit
 from oprd.cli.preflight import taken_from_checkpoint, warn_heldout_tuned_on
 from oprd.data import load_prompts, read_jsonl
-from oprd.demo.builtin import ARITH_TEACHER
+from oprd.demo.builtin import ARITH_TEACHER, SMOLLM2
 from oprd.models import ModelSpec
 from oprd.module import DistillModule
 from tests.helpers import ROOT, make_module
@@ -361,12 +361,15 @@ def test_held_out_prompts_the_demo_teacher_was_tuned_on_are_warned_of_before_any
     quickstart = ["--config", str(ROOT / "configs/quickstart.yaml")]
     with caplog.at_level(logging.WARNING, logger="oprd.cli.preflight"):
         parse_fit(quickstart)  # data.seed 0: nothing to warn of
-        warn_heldout_tuned_on("smollm2-135m-instruct", seed1, 1)  # not the tuned teacher
+        warn_heldout_tuned_on([SMOLLM2, None], seed1, 1)  # not the tuned teacher
         assert not caplog.records
         parse_fit([*quickstart, "--data.seed", "1"])
+        # the tuned teacher as one of several: the default teacher is the plain model
+        extra = json.dumps({"arith": {"model": {"path": ARITH_TEACHER}}})
+        parse_fit([*quickstart, "--data.seed", "1", "--model.teacher.path", SMOLLM2, "--model.teachers", extra])
     tuned = len(seed1) - len(also_held_out_at_seed0)
     assert 50 < tuned < 100
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records] == 2 * [
         f"{tuned} of the 100 held-out prompts are prompts the teacher {ARITH_TEACHER} was fine-tuned on (the "
         "training split of data.seed 0; this run holds out data.seed 1's): its accuracy and the teacher-scored KL "
         "there are flattered. Keep --data.seed 0 with this teacher for held-out figures."
