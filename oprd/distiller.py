@@ -333,9 +333,9 @@ class Distiller:
         if not self.objective.needs_calibration:
             return {}
         projectors = self.objective.projectors
-        if projectors.kind == "select" and not self.pair.remote:  # a remote teacher's weights are not here
-            student, teacher = (gathered(m.get_input_embeddings().weight) for m in (self.student, self.pair.teacher))
-            if copy_select_channels(projectors, student, teacher):
+        if projectors.kind == "select":
+            student = gathered(self.student.get_input_embeddings().weight)
+            if copy_select_channels(projectors, student, self.pair.frozen_teacher.input_embedding()):
                 return {"select/copied": 1.0}
         return calibrate_projectors(projectors, self._calibration_rows, prompts, batch_size, self.seed)
 

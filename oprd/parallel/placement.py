@@ -33,7 +33,7 @@ from torch import nn
 from oprd.losses.lm_head import Head
 from oprd.models.capture import Point, hidden_states, is_sharded
 from oprd.parallel.remote import RemoteTeacherConfig
-from oprd.parallel.sharding import gathered_head
+from oprd.parallel.sharding import gathered, gathered_head
 from oprd.rollout.engine import HFGenerateEngine
 from oprd.rollout.sampling import Rollout, RolloutConfig
 
@@ -128,6 +128,10 @@ class FrozenTeacher:
     def head(self, student_device: torch.device):
         """The teacher's output head on the student's device (see `TeacherPlacement.head`)."""
         return self.placement.head(self.model, student_device)
+
+    def input_embedding(self) -> torch.Tensor:
+        """The teacher's input embedding weight `[v, d]`, whole (gathered when sharded), where it lives."""
+        return gathered(self.model.get_input_embeddings().weight)
 
     @torch.no_grad()
     def states(

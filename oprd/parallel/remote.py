@@ -171,6 +171,10 @@ class TeacherReplica:
         head = Head.of(self.model.get_output_embeddings())
         return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
 
+    def input_embedding(self) -> Tensor:
+        """The input embedding's weight `[v, d]`."""
+        return self.model.get_input_embeddings().weight.detach().clone()
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, config: RolloutConfig, seed: int | None) -> Rollout:
         """The teacher's own responses (sequence-level KD, or scoring the teacher)."""
@@ -369,6 +373,10 @@ class RemoteTeacher:
             self._head = Head(*self._call("head"))
         self._head = self._head.to(student_device)
         return self._head
+
+    def input_embedding(self) -> Tensor:
+        """The teacher's input embedding weight `[v, d]`, fetched from a replica (on the CPU; not kept)."""
+        return self._call("input_embedding")
 
     # ---- replicas -------------------------------------------------------------------------------------------
 

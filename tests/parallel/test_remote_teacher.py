@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from oprd.data import PromptDataModule
+from oprd.losses.hidden import HiddenLossConfig
 from oprd.losses.token import TokenLossConfig
+from oprd.models import ModelSpec
 from oprd.models.capture import NORM
 from oprd.objective.bridge import BridgeConfig
 from oprd.parallel.remote import RemoteTeacherConfig, TeacherUnavailable
@@ -105,6 +107,25 @@ def fit_losses(tmp_path, steps: int = 3, before_step: dict | None = None, data=N
     return probe.losses
 
 
+def test_select_on_a_student_pruned_from_a_remote_teacher_compares_the_copied_channels(monkeypatch):
+    # The teacher's embedding comes from a replica; the student is the teacher's own weights (seed 1), depth-pruned.
+    student = ModelSpec(config=TEACHER, seed=1, keep_layers=[0, 2])
+    select = {"projector": "select", "hidden_loss": HiddenLossConfig(kind="mse")}
+    away = make_module(student=student, objective=select, teacher_placement={"remote": remote(replicas=1)})
+    local = make_module(student=student, objective=select)
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("a pruned student's select sampled calibration rollouts")
+
+    monkeypatch.setattr(away.distiller, "sample", no_rollouts)
+    assert away.distiller.calibrate(PROMPTS, batch_size=2) == {"select/copied": 1.0}
+    embedding = local.pair.teacher.get_input_embeddings().weight
+    assert torch.equal(away.pair.frozen_teacher.input_embedding(), embedding)
+    assert local.distiller.calibrate(PROMPTS, batch_size=2) == {"select/copied": 1.0}
+    for label in local.objective.projectors.labels:
+        assert torch.equal(away.objective.projectors.channels(label), local.objective.projectors.channels(label))
+
+
 @pytest.mark.parametrize(
     "objective",
     [
@@ -177,7 +198,7 @@ def test_a_replica_serving_another_model_is_refused():
     try:
         again = make_module(teacher_placement={"remote": settings})  # the same model re-attaches to the running replica
         assert again.pair.frozen_teacher.pids == serving.pair.frozen_teacher.pids
-        from oprd.models import TINY_TEACHER, ModelSpec
+        from oprd.models import TINY_TEACHER
 
         with pytest.raises(ValueError, match=f"{settings.name}-0.*serves another model"):
             make_module(teacher=ModelSpec(config=TINY_TEACHER, seed=5), teacher_placement={"remote": settings})
