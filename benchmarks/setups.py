@@ -34,7 +34,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "opd_top16_dense": {"hidden_weight": 0.0, "token_loss": {**TOP16, "chunk_size": 0}},
     # OPRD Eq. 7: reverse KL + hidden MSE, the hidden term rescaled to the KL's magnitude (configs/mix.yaml).
     "mix": {"hidden_weight": 1.0, "token_weight": 1.0, "balance": True, "token_loss": EXACT},
-    # Logit KD: the exact forward KL (configs/compress.yaml's objective), chunked.
+    # Logit KD: the exact forward KL (configs/compress.yaml's objective after its warm start), chunked.
     "kd": {"hidden_weight": 0.0, "token_loss": {"objective": "forward_kl", "estimator": "exact"}},
 }
 

@@ -66,7 +66,7 @@ from oprd.training.throughput import SavedBytes
 NAME = "step"
 FULL_TEACHER = "oprd_full_teacher"
 VARIANTS = ["oprd", FULL_TEACHER, "opd_dense", "opd", "opd_top16_dense", "opd_top16", "mix"]
-"""The default variants; `kd` (forward KL, configs/compress.yaml's objective) runs when named."""
+"""The default variants; `kd` (the forward KL of configs/compress.yaml after its warm start) runs when named."""
 QUICK_VARIANTS = ["oprd", FULL_TEACHER, "opd", "opd_top16_dense"]
 # The OPRD paper (arXiv 2606.06021): one update step of OPRD vs OPD top-16 on GPUs.
 PAPER = {"memory_ratio": 0.46, "speedup": 1.44}

@@ -1,7 +1,7 @@
 """`configs/compress.yaml`, the recipe for a smaller model, resolves and trains: the real SmolLM2 pruned in depth (by
-block influence) and width to at most 0.4x its parameters, two steps of its warm start. (The full run is a
-benchmark, benchmarks/RESULTS.md; here the arithmetic teacher is replaced by the base SmolLM2 it was tuned from,
-the same architecture, which the suite builds in seconds.)"""
+block influence) and width to at most 0.4x its parameters, two steps of its warm start, the hidden term on the
+channels the student copied. (The full run is a benchmark, benchmarks/RESULTS.md; here the arithmetic teacher is
+replaced by the base SmolLM2 it was tuned from, the same architecture, which the suite builds in seconds.)"""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def test_the_compress_config_prunes_the_real_model_to_under_0_4x_and_trains_two_
     recipe = yaml.safe_load(COMPRESS.read_text())["model"]
     kept = checkpoint["hyper_parameters"]["student"]["keep_layers"]
     assert len(kept) == recipe["student"]["depth"]["num_layers"]  # the layers block influence chose, saved
-    rows = [r for r in csv.DictReader(next(tmp_path.glob("**/v/metrics.csv")).open()) if r.get("train/loss")]
+    logged = list(csv.DictReader(next(tmp_path.glob("**/v/metrics.csv")).open()))
+    rows = [r for r in logged if r.get("train/loss")]
     assert len(rows) == 2 and all(math.isfinite(float(r["train/loss"])) for r in rows)
-    assert all(float(r["train/on_policy"]) == 0 for r in rows)  # the warm start: the data's reference answers
+    assert all(float(r["train/on_policy"]) == 0 for r in rows)  # the data's reference answers
+    # the warm start: the hidden term alone, each student channel against the teacher channel it was copied from
+    assert [float(r["select/copied"]) for r in logged if r.get("select/copied")] == [1.0]
+    assert all((float(r["train/hidden_weight"]), float(r["train/token_weight"])) == (1.0, 0.0) for r in rows)
